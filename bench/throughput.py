@@ -1,0 +1,124 @@
+"""Training throughput of feedalign's bp, fa and dfa against a plain PyTorch
+autograd back-prop loop of the same network, measured in the same run.
+
+    python bench/throughput.py                 # 2×800 and 4×800 tanh MLP, MNIST shape
+    python bench/throughput.py --layers 2 --rounds 9 --steps 300
+
+Each round times `--steps` training steps (forward, loss, backward, RMSprop
+step) of every variant in turn (interleaved, so drifts in machine load hit all
+of them alike); the figure is the median over rounds, in samples per second,
+and the ratio to plain PyTorch BP from the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import feedalign
+
+
+def plain_bp_model(layers: int, hidden: int, n_in: int = 784, n_out: int = 10) -> nn.Module:
+    """The same network, written the way a PyTorch user would, trained by autograd."""
+    mods: list[nn.Module] = [nn.Flatten()]
+    width = n_in
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.Tanh()]
+        width = hidden
+    mods.append(nn.Linear(width, n_out))
+    return nn.Sequential(*mods)
+
+
+def make_step(model: nn.Module, criterion: nn.Module, lr: float):
+    opt = torch.optim.RMSprop(model.parameters(), lr=lr, alpha=0.99, eps=1e-8)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        criterion(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+class PlainBCE(nn.Module):
+    """bce with the original's gradient scale (summed over the batch), stock PyTorch ops."""
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        onehot = nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
+        return nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="sum")
+
+
+def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    n = args.batch * args.steps
+    data = torch.rand(n, 1, 28, 28)
+    labels = torch.randint(0, 10, (n,))
+    batches = list(zip(data.split(args.batch), labels.split(args.batch)))
+    steps = {"plain-bp": make_step(plain_bp_model(layers, args.hidden), PlainBCE(), args.lr)}
+    for rule in ("bp", "fa", "dfa"):
+        # relu: no zeroing, so every variant multiplies the same kind of numbers
+        model = feedalign.build_model(
+            "mlp",
+            (1, 28, 28),
+            10,
+            gradient=rule,
+            nonlin=args.nonlin,
+            num_layers=layers,
+            num_hidden=args.hidden,
+            seed=0,
+        )
+        steps[rule] = make_step(model, feedalign.BCE(), args.lr)
+    for step in steps.values():  # warm-up
+        for x, y in batches[:20]:
+            step(x, y)
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    ratios: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        this_round = {}
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for x, y in batches:
+                step(x, y)
+            this_round[name] = n / (time.perf_counter() - t0)
+        for name, rate in this_round.items():
+            rates[name].append(rate)
+            ratios[name].append(rate / this_round["plain-bp"])
+    return {"rates": rates, "ratios": ratios}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--layers", type=int, nargs="+", default=[2, 4], help="hidden layers (default 2 4)"
+    )
+    p.add_argument("--hidden", type=int, default=800, help="units per hidden layer (default 800)")
+    p.add_argument("--nonlin", default="tanh", help="tanh | sigm | relu (default tanh)")
+    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per round (default 200)")
+    p.add_argument(
+        "--rounds", type=int, default=7, help="rounds; the median is reported (default 7)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate (default 1e-4)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
+        f"{args.steps} steps × {args.rounds} rounds, {args.nonlin}"
+    )
+    print(f"{'network':<14}{'variant':<10}{'samples/s':>12}{'vs plain BP':>13}")
+    for layers in args.layers:
+        res = run(layers, args)
+        for name in res["rates"]:
+            rate = statistics.median(res["rates"][name])
+            ratio = statistics.median(res["ratios"][name])
+            net = f"{layers}x{args.hidden}"
+            print(f"{net:<14}{name:<10}{rate:>12,.0f}{ratio:>12.3f}×")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Losses with SPEC §3's gradient semantics.
+
+bce (default): sigmoid on the logits, binary cross-entropy against the one-hot
+    target. The reported value is the mean over batch × classes (as the
+    original printed it) but the gradient fed back is sigmoid(y) − onehot per
+    sample, *summed* over the batch — the gradient of the summed loss. The
+    original's RMSprop runs were tuned with this scale, so it is kept.
+ce: log-softmax is the model's last layer; NLL averaged over the batch, so the
+    error at the logits is (softmax(y) − onehot) / N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class _SummedGradBCE(torch.autograd.Function):
+    """forward: mean BCE(sigmoid(y), onehot); backward: sigmoid(y) − onehot (N, C), not / N·C."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, onehot: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, onehot)
+        return F.binary_cross_entropy_with_logits(logits, onehot)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, onehot = ctx.saved_tensors
+        return grad * (torch.sigmoid(logits) - onehot), None
+
+
+class BCE(nn.Module):
+    """Binary cross-entropy on logits vs. class indices; see the module docstring."""
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+        return _SummedGradBCE.apply(logits, onehot)
+
+
+# name -> (loss factory, whether the network ends in LogSoftmax)
+CRITERIA = {"bce": (BCE, False), "ce": (nn.NLLLoss, True)}
+
+
+def make_criterion(name: str) -> nn.Module:
+    if name not in CRITERIA:
+        raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
+    return CRITERIA[name][0]()

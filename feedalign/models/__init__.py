@@ -1,0 +1,113 @@
+"""Network registry and `build_model`: the paper's networks with SPEC §1's initialisation."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from feedalign.losses import CRITERIA
+from feedalign.models.conv import conv
+from feedalign.models.convert import TRAINABLE, convert, feedback, rule_of
+from feedalign.models.mlp import mlp
+from feedalign.rules import check_rule
+from feedalign.rules.feedback import fan_in, generator
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "conv": conv}
+NONLINS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "sigm": nn.Sigmoid, "relu": nn.ReLU}
+FEEDBACK_SEED_OFFSET = 1_000_003  # feedback draws must not replay the weight stream
+
+__all__ = ["NETWORKS", "NONLINS", "build_model", "convert", "feedback", "rule_of", "find_network"]
+
+
+def find_network(network: str, models_folder: str | Path | None = None) -> Callable[..., nn.Module]:
+    """`mlp`, `conv` (also `mlp.lua`, `conv.lua`), or `<models_folder>/<network>.py`
+    defining `build(input_shape, n_classes, **options) -> nn.Module` (SPEC §6)."""
+    name = network.removesuffix(".lua").removesuffix(".py")
+    if name in NETWORKS:
+        return NETWORKS[name]
+    if models_folder is not None:
+        path = Path(models_folder) / f"{name}.py"
+        if path.is_file():
+            spec = importlib.util.spec_from_file_location(f"feedalign_user_model_{name}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            if not callable(getattr(module, "build", None)):
+                raise ValueError(f"{path} must define build(input_shape, n_classes, **options)")
+            return module.build
+    where = f" or a file {Path(models_folder) / (name + '.py')}" if models_folder else ""
+    raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}{where}")
+
+
+def init_classic(model: nn.Module, gen: torch.Generator | None) -> None:
+    """SPEC §1: weight and bias ~ U[±1/sqrt(fan_in)] for every Linear/Conv2d."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, TRAINABLE):
+                bound = 1.0 / math.sqrt(fan_in(m.weight))
+                m.weight.uniform_(-bound, bound, generator=gen)
+                if m.bias is not None:
+                    m.bias.uniform_(-bound, bound, generator=gen)
+
+
+def build_model(
+    network: str,
+    input_shape: tuple[int, ...],
+    n_classes: int,
+    *,
+    gradient: str = "dfa",
+    nonlin: str = "tanh",
+    num_layers: int = 2,
+    num_hidden: int = 800,
+    dropout: int = 0,
+    batchnorm: int = 0,
+    bias: bool = True,
+    rfb_mag: float = 0.0,
+    criterion: str = "bce",
+    seed: int | None = None,
+    models_folder: str | Path | None = None,
+    error_at: str = "logits",
+) -> nn.Module:
+    """Build `network` ("mlp" or "conv") for inputs of `input_shape` (C, H, W),
+    learning by `gradient`, initialised as SPEC §1: classic uniform init, then for
+    fa/dfa with tanh/sigm every Linear/Conv2d weight and bias set to zero (fa's
+    feedback is copied from the initial weights before that)."""
+    check_rule(gradient)
+    if nonlin not in NONLINS:
+        raise ValueError(f"unknown nonlin {nonlin!r}; choose one of {', '.join(NONLINS)}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    build = find_network(network, models_folder)
+    model = build(
+        tuple(input_shape),
+        n_classes,
+        nonlin=NONLINS[nonlin],
+        num_layers=num_layers,
+        num_hidden=num_hidden,
+        dropout=dropout,
+        batchnorm=batchnorm,
+        bias=bias,
+        log_softmax=CRITERIA[criterion][1],
+    )
+    init_classic(model, generator(seed))
+    fb_seed = None if seed is None else seed + FEEDBACK_SEED_OFFSET
+    convert(
+        model,
+        gradient,
+        rfb_mag=rfb_mag,
+        seed=fb_seed,
+        input_shape=tuple(input_shape),
+        error_at=error_at,
+    )
+    if gradient in ("fa", "dfa") and nonlin in ("tanh", "sigm"):
+        with torch.no_grad():  # SPEC §1: dfa learns from a zero initial condition
+            for m in model.modules():
+                if isinstance(m, TRAINABLE):
+                    m.weight.zero_()
+                    if m.bias is not None:
+                        m.bias.zero_()
+    return model

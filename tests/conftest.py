@@ -1,0 +1,20 @@
+"""Shared fixtures: the real datasets in ../shared/data, where present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(
+    os.environ.get("FEEDALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """Folder with the real MNIST / FashionMNIST / Cifar10 files; skips where absent."""
+    if not (SHARED_DATA / "MNIST").is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (set FEEDALIGN_SHARED_DATA)")
+    return SHARED_DATA
