@@ -1,7 +1,9 @@
 """`feedalign` command line: train | eval | download | reproduce.
 
 Each subcommand lives beside the code it drives and registers itself here
-through a `register(subparsers)` function that sets `func` on its parser.
+through a `register(subparsers)` function that sets `func` on its parser. Only
+the module of the subcommand being run is imported (start-up stays quick and
+one subcommand's imports cannot break another's).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ import importlib
 import logging
 import sys
 
-# name -> module providing `register(subparsers)`; imported lazily so that
-# `feedalign download` does not pay for the trainer's imports.
+# name -> module providing `register(subparsers)`
 SUBCOMMANDS = {
     "train": "feedalign.train.cli",
     "eval": "feedalign.train.cli",
@@ -21,7 +22,8 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command`, or for all subcommands (help, unknown command)."""
     parser = argparse.ArgumentParser(
         prog="feedalign",
         description="Train networks with back-prop (bp), feedback alignment (fa) "
@@ -29,24 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     sub.required = True
-    registered: set[str] = set()
-    for module_name in dict.fromkeys(SUBCOMMANDS.values()):
-        if module_name in registered:
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # subcommand not built yet
-        module.register(sub)
-        registered.add(module_name)
+    wanted = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMANDS.values()
+    for module_name in dict.fromkeys(wanted):
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.func(args) or 0)
 
 

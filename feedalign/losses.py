@@ -33,6 +33,8 @@ class _SummedGradBCE(torch.autograd.Function):
 class BCE(nn.Module):
     """Binary cross-entropy on logits vs. class indices; see the module docstring."""
 
+    batch_reduction = "sum"  # the gradient is summed over the batch (data parallelism needs to know)
+
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
         return _SummedGradBCE.apply(logits, onehot)

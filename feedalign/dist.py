@@ -1,0 +1,121 @@
+"""Data parallelism on torch.distributed (DDP): gloo on CPU, nccl on GPU.
+
+`torchrun --nproc-per-node N -m feedalign train …` starts N processes; each
+reads RANK / WORLD_SIZE / LOCAL_RANK from the environment. Every rank builds the
+same model and feedback matrices from the seed; a checksum of the feedback is
+compared across ranks before DDP wraps the model (DDP would otherwise silently
+overwrite a mismatch with rank 0's buffers). Each rank trains on its shard of
+the epoch's shuffled order, gradients are averaged by DDP, metrics are summed
+with `reduce`, and only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def reduce(self, t: Tensor) -> Tensor:
+        """Sum over ranks (a copy; the identity with one process)."""
+        if not self.distributed:
+            return t
+        t = t.detach().clone().to(self.device)
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup(device_type: str, devid: int) -> Runtime:
+    """The process's runtime: a single process, or one rank of a torchrun job."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        device = torch.device(f"cuda:{devid - 1}") if device_type == "cuda" else torch.device("cpu")
+        return Runtime(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        device = torch.device(f"cuda:{local}")  # one GPU per process; -devid is ignored
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Runtime(device, rank, world)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def feedback_checksum(buffers: list[Tensor]) -> Tensor:
+    """Float64 sums of each feedback matrix and of its squares: equal seeds, equal sums."""
+    if not buffers:
+        return torch.zeros(2, dtype=torch.float64)
+    flat = torch.cat([b.detach().double().flatten().cpu() for b in buffers])
+    weights = torch.arange(1, len(flat) + 1, dtype=torch.float64) / len(flat)
+    return torch.stack([flat.sum(), (flat * weights).sum(), (flat * flat).sum()])
+
+
+def check_same_feedback(rt: Runtime, buffers: list[Tensor]) -> None:
+    """Refuse to train if any rank's feedback matrices differ from rank 0's."""
+    if not rt.distributed:
+        return
+    mine = feedback_checksum(buffers).to(rt.device)
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    differs = torch.tensor([0.0 if torch.allclose(mine, ref, rtol=0, atol=0) else 1.0], device=rt.device)
+    dist.all_reduce(differs)
+    if differs.item() > 0:
+        raise RuntimeError(
+            f"feedback matrices differ between ranks ({int(differs.item())} of {rt.world_size} differ "
+            f"from rank 0; rank {rt.rank} checksum {mine.tolist()} vs {ref.tolist()}): every rank must "
+            "build the model with the same -seed"
+        )
+
+
+def _sum_hook(state, bucket):
+    """All-reduce gradients as a sum (DDP's default divides by the world size)."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def wrap(model: nn.Module, rt: Runtime, *, batch_reduction: str = "mean") -> nn.Module:
+    """DDP around `model`. batch_reduction: how the loss treats the batch — "mean"
+    (ce: DDP's average of per-rank means is the global batch's mean) or "sum" (bce,
+    SPEC §3: gradients summed over the batch, so ranks' gradients are summed too).
+    Either way N ranks × batch B step exactly like one process with batch N·B."""
+    if not rt.distributed:
+        return model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    # broadcast_buffers=False: feedback matrices are equal by construction (checked
+    # above) and need no per-step broadcast; BN running statistics stay per rank
+    # (rank 0's are saved).
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    if batch_reduction == "sum":
+        ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

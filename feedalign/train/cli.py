@@ -1,0 +1,156 @@
+"""`feedalign train` and `feedalign eval`.
+
+Every option of the original under its own spelling (`-LR`, `-batchSize`,
+`-epoch_step`, also with two dashes) and a lowercase form (`--lr`,
+`--batch-size`, `--epoch-step`). Help texts come from `Options`, so they cannot
+drift from the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from feedalign.train.config import Options
+
+log = logging.getLogger("feedalign")
+RESUME_MAY_CHANGE = {"epoch", "quiet", "threads", "type", "devid"}
+
+
+def kebab(name: str) -> str:
+    """LR -> lr, batchSize -> batch-size, epoch_step -> epoch-step, nGPU -> n-gpu."""
+    s = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|_", "-", name)
+    return re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])", "-", s).lower()
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """One argument per Options field; unset ones stay absent (SUPPRESS) so that we
+    know what the user gave."""
+    group = parser.add_argument_group("options of the original (SPEC §4–6) and feedalign's")
+    for f in dataclasses.fields(Options):
+        names = [f"-{f.name}", f"--{f.name}"]
+        if kebab(f.name) != f.name:
+            names.append(f"--{kebab(f.name)}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helptext = f"{f.metadata['help']} (default: {default if default != '' else 'none'})"
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
+        if f.type in ("bool", bool):
+            kw |= {"nargs": "?", "const": True, "type": _bool, "metavar": "BOOL"}
+        elif f.type in ("int", int):
+            kw |= {"type": int}
+        elif f.type in ("float", float):
+            kw |= {"type": float}
+        elif f.name == "seed":
+            kw |= {"type": int}
+        group.add_argument(*names, **kw)
+
+
+def _bool(s: str) -> bool:
+    low = s.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (or 1/0), got {s!r}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a network (the original's Main.lua)", allow_abbrev=False,
+                       description="Train with bp, fa or dfa. Example: feedalign train -dataset MNIST "
+                       "-network mlp -LR 1e-4 -eps 0.08")  # fmt: skip
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    add_option_arguments(p)
+    p.set_defaults(func=run_train)
+    e = sub.add_parser("eval", help="test error and loss of a saved run", allow_abbrev=False)
+    e.add_argument("run_dir", help="a run directory holding options.json and checkpoint.pt")
+    e.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
+    e.add_argument("--datapath", help="dataset folder, if it moved since training")
+    e.set_defaults(func=run_eval)
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if hasattr(args, f.name)}
+    if not args.resume:
+        return Options(**given)
+    path = Path(args.resume) / "options.json"
+    if not path.exists():
+        raise ValueError(f"--resume {args.resume}: no options.json there; is it a feedalign run directory?")
+    if not (Path(args.resume) / "checkpoint.pt").exists():
+        raise ValueError(f"--resume {args.resume}: no checkpoint.pt yet; start the run again instead")
+    refused = sorted(set(given) - RESUME_MAY_CHANGE)
+    if refused:
+        raise ValueError(f"--resume keeps the run's options; only {', '.join(sorted(RESUME_MAY_CHANGE))} "
+                         f"may change, not {', '.join(refused)}")  # fmt: skip
+    return Options.from_dict(json.loads(path.read_text()) | given)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from feedalign.train.loop import Diverged
+    from feedalign.train.session import Interrupted, train
+
+    try:
+        opts = options_from_args(args)
+        if opts.nGPU > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch_torchrun(opts.nGPU)
+        train(opts, resume=args.resume)
+    except ValueError as err:
+        log.error(f"error: {err}")
+        return 2
+    except FileNotFoundError as err:
+        log.error(f"error: {err}")
+        return 2
+    except Interrupted as err:
+        log.error(str(err))
+        return 130
+    except Diverged as err:
+        log.error(f"diverged: {err}")
+        return 3
+    finally:
+        from feedalign import dist
+
+        dist.teardown()
+    return 0
+
+
+def _launch_torchrun(n: int) -> int:
+    """The original's -nGPU N: N data-parallel processes through torchrun, one GPU each."""
+    argv = [a for a in sys.argv[1:]]
+    for flag in ("-nGPU", "--nGPU", "--n-gpu"):
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    argv = [a for a in argv if not re.match(r"^--?(nGPU|n-gpu)=", a)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "-m",
+        "feedalign",
+        *argv,
+    ]
+    log.info("running: " + " ".join(["torchrun", "--nproc-per-node", str(n), "-m", "feedalign", *argv]))
+    if shutil.which(sys.executable) is None:
+        return 2
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from feedalign.train.session import evaluate_run
+
+    try:
+        error, loss = evaluate_run(args.run_dir, split=args.split, datapath=args.datapath)
+    except (ValueError, FileNotFoundError) as err:
+        log.error(f"error: {err}")
+        return 2
+    print(f"{args.run_dir}: {args.split} error {100 * error:.2f}%  loss {loss:.4g}")
+    return 0

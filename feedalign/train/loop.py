@@ -1,0 +1,205 @@
+"""One epoch of training and one evaluation pass (SPEC §4). Rule-agnostic: the
+learning rule lives inside the model; this file calls `loss.backward()` and steps.
+
+Host synchronisation: per batch nothing is read back to the host. Errors and
+losses accumulate in device tensors; every `SYNC_EVERY` batches (and at the end)
+one read serves the progress bar, the divergence check and, under several
+processes, the agreement to stop.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from feedalign.rules import backprop
+from feedalign.train.optim import Schedule, Stepper, max_norm_, zero_biases_
+
+SYNC_EVERY = 25  # batches between host reads (progress bar, NaN check, stop agreement)
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class StopFlag:
+    """Set by SIGINT (Ctrl-C); the loop stops at the next batch boundary.
+    A second Ctrl-C raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: no handler, no Ctrl-C checkpoint
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class EpochState:
+    """Where an epoch stands: enough to continue it after an interruption."""
+
+    batch: int = 0  # batches completed
+    wrong: Tensor | None = None  # misclassified training samples, (1,) on device
+    loss_sum: Tensor | None = None  # Σ batch mean loss × batch size, (1,) on device
+    seen: int = 0  # training samples so far
+    seconds: float = 0.0
+    extras: dict = field(default_factory=dict)  # per-epoch sums of diagnostics
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "wrong": self.wrong, "loss_sum": self.loss_sum, "seen": self.seen,
+                "seconds": self.seconds, "extras": self.extras}  # fmt: skip
+
+
+@dataclass
+class Step:
+    """The pieces one training step needs."""
+
+    model: nn.Module
+    criterion: nn.Module
+    stepper: Stepper
+    schedule: Schedule
+    eps: float = 0.0  # adversarial step size, preprocessed input units
+    acc_gradient: bool = False
+    max_out: float = 400.0
+    max_in: float = 400.0
+    bias: bool = True
+    amp: torch.dtype | None = None
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext()
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """One update; returns (logits, loss) of the clean forward pass."""
+        if self.max_out < 400 or self.max_in < 400:
+            max_norm_(self.model, self.max_out, self.max_in)  # before the gradient (SPEC §4)
+        self.stepper.zero_grad()
+        if self.eps > 0:
+            out, loss = self._adversarial(x, y)
+        else:
+            with self.autocast(x.device):
+                out = self.model(x)
+                loss = self.criterion(out.float(), y)
+            loss.backward()
+        self.stepper.step(self.schedule.lr)
+        if not self.bias:
+            zero_biases_(self.model)
+        return out, loss
+
+    def _adversarial(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Fast gradient sign (SPEC §4): the first backward is true back-prop whatever
+        the rule, giving dE/dx; its parameter gradients are kept only with accGradient;
+        the rule's gradients on x + eps·sign(dE/dx) are added."""
+        x = x.detach().requires_grad_(True)
+        with backprop(self.model), self.autocast(x.device):
+            out = self.model(x)
+            loss = self.criterion(out.float(), y)
+        loss.backward()
+        if not self.acc_gradient:
+            self.stepper.zero_grad()
+        x_adv = (x + self.eps * x.grad.sign()).detach()  # no clipping, as the original
+        with self.autocast(x.device):
+            adv_loss = self.criterion(self.model(x_adv).float(), y)
+        adv_loss.backward()
+        return out, loss
+
+
+def train_epoch(step: Step, loader, state: EpochState, *, stop: StopFlag, progress: bool,
+                reduce=None, on_batch=None, desc: str = "") -> EpochState:  # fmt: skip
+    """Run the rest of the epoch from `state.batch`. Returns the state; `state.batch <
+    len(loader)` means it stopped early on request (Ctrl-C)."""
+    device = loader.device
+    if state.wrong is None:
+        state.wrong = torch.zeros((), device=device)
+        state.loss_sum = torch.zeros((), device=device)
+    losses = torch.full((len(loader),), float("nan"), device=device)  # per batch, for the NaN check
+    losses[: state.batch] = 0.0
+    step.model.train()
+    bar = tqdm(total=len(loader), initial=state.batch, desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True)  # fmt: skip
+    done = 0
+    try:
+        for i, (x, y) in enumerate(loader):
+            if i < state.batch:  # resuming mid-epoch: same batches, same augmentation draws
+                continue
+            out, loss = step(x, y)
+            with torch.no_grad():
+                losses[i] = loss.detach()
+                state.wrong += (out.argmax(1) != y).sum()
+                state.loss_sum += loss.detach() * len(y)
+            state.seen += len(y)
+            state.batch = i + 1
+            done += 1
+            if on_batch is not None:
+                on_batch(x, y, i)
+            last = state.batch == len(loader)
+            if last or state.batch % SYNC_EVERY == 0:
+                _check_finite(losses[: state.batch], reduce)
+                if progress:
+                    bar.set_postfix(error=f"{100 * state.wrong.item() / state.seen:.2f}%", refresh=False)
+            if progress:
+                bar.update(1)
+            if not last and _should_stop(stop, reduce, state.batch):
+                break
+    finally:
+        bar.close()
+    return state
+
+
+def _check_finite(losses: Tensor, reduce) -> None:
+    bad = ~torch.isfinite(losses)
+    flag = bad.any().float()
+    if reduce is not None:
+        flag = reduce(flag)
+    if flag.item() > 0:
+        first = int(bad.nonzero()[0, 0]) + 1 if bad.any() else len(losses)
+        raise Diverged(f"loss became {losses[first - 1].item()} at batch {first}")
+
+
+def _should_stop(stop: StopFlag, reduce, batch: int) -> bool:
+    if reduce is None:
+        return stop.requested
+    if batch % SYNC_EVERY:
+        return False  # ranks agree only at sync points, so that all stop at the same batch
+    flag = reduce(torch.tensor(float(stop.requested)))
+    return flag.item() > 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
+             reduce=None, amp: torch.dtype | None = None) -> tuple[float, float]:  # fmt: skip
+    """(error, loss) on (x, y) in evaluation mode: no dropout, BN running statistics.
+    loss is the per-sample mean of the criterion's reported value."""
+    was_training = model.training
+    model.eval()
+    wrong = torch.zeros((), device=x.device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        with torch.autocast(x.device.type, dtype=amp) if amp else nullcontext():
+            out = model(xb).float()
+        wrong += (out.argmax(1) != yb).sum()
+        loss_sum += criterion(out, yb).double() * len(yb)
+    totals = torch.stack([wrong, loss_sum, torch.tensor(float(len(y)), device=x.device, dtype=torch.float64)])
+    if reduce is not None:
+        totals = reduce(totals)
+    model.train(was_training)
+    wrong, loss_sum, n = totals.tolist()
+    return wrong / n, (loss_sum / n if n else math.nan)

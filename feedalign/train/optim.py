@@ -1,0 +1,125 @@
+"""Optimizers, learning-rate schedule, stopping rules and max-norm (SPEC §4).
+
+The optimizers are torch.optim's, configured to match the original's `optim`
+package: RMSprop m = 0.99·m + 0.01·g², x -= LR·g/(sqrt(m) + 1e-8) (no momentum,
+no LRDecay); SGD with dampening = momentum (v = μ·v + (1−μ)·g, v₀ = g);
+`weightDecay` is L2 added to the gradient in all of them; adadelta ignores LR,
+as the original's did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+# name -> (factory(params, opts), applies LRDecay)
+OPTIMIZERS = {
+    "sgd": (lambda p, o: torch.optim.SGD(p, lr=o.LR, momentum=o.momentum, dampening=o.momentum,
+                                          weight_decay=o.weightDecay), True),
+    "rmsprop": (lambda p, o: torch.optim.RMSprop(p, lr=o.LR, alpha=0.99, eps=1e-8,
+                                                  weight_decay=o.weightDecay), False),
+    "adam": (lambda p, o: torch.optim.Adam(p, lr=o.LR, betas=(0.9, 0.999), eps=1e-8,
+                                            weight_decay=o.weightDecay), True),
+    "adagrad": (lambda p, o: torch.optim.Adagrad(p, lr=o.LR, eps=1e-10, weight_decay=o.weightDecay), True),
+    "adadelta": (lambda p, o: torch.optim.Adadelta(p, lr=1.0, rho=0.9, eps=1e-6,
+                                                    weight_decay=o.weightDecay), False),
+    "adamax": (lambda p, o: torch.optim.Adamax(p, lr=o.LR, betas=(0.9, 0.999), eps=1e-38,
+                                                weight_decay=o.weightDecay), False),
+}  # fmt: skip
+
+
+class Stepper:
+    """One optimizer step with the original's LRDecay: lr_t = lr / (1 + t·LRDecay),
+    t = steps taken so far (SGD, Adam, Adagrad). `lr` is the schedule's current LR."""
+
+    def __init__(self, params: Iterable[nn.Parameter], opts) -> None:
+        factory, self.decays = OPTIMIZERS[opts.optimization]
+        self.optimizer = factory(list(params), opts)
+        self.lr_decay = opts.LRDecay if self.decays else 0.0
+        self.fixed_lr = opts.optimization == "adadelta"
+        self.steps = 0
+
+    def step(self, lr: float) -> None:
+        if not self.fixed_lr:
+            lr_t = lr / (1 + self.steps * self.lr_decay)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_t
+        self.optimizer.step()
+        self.steps += 1
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = state["steps"]
+
+
+class Schedule:
+    """SPEC §4's LR schedule and stopping rules, driven by the epoch's training error.
+
+    m_t = 0.75·m_{t−1} + 0.25·err_t, m_0 = 1.
+    epoch_step −1: constant LR; 0 ("auto"): stop once halved 8 times or m_t ≤ 1e-4,
+    else halve when err_t ≥ m_t; k > 0: halve every k epochs. While epoch_step <
+    epoch, also stop once m_t ≤ 1e-4 ("zero training error reached").
+    """
+
+    ZERO = 1e-4
+
+    def __init__(self, lr: float, epoch_step: int, epochs: int) -> None:
+        self.lr, self.epoch_step, self.epochs = lr, epoch_step, epochs
+        self.smoothed = 1.0
+        self.halvings = 0
+
+    def update(self, epoch: int, train_error: float) -> str | None:
+        """After epoch `epoch` (1-based) with training error `train_error` (fraction):
+        adjust the LR; return why training stops, or None to go on."""
+        self.smoothed = 0.75 * self.smoothed + 0.25 * train_error
+        if self.epoch_step == 0:
+            if self.halvings >= 8:
+                return "learning rate halved 8 times"
+            if self.smoothed <= self.ZERO:
+                return "zero training error reached"
+            if train_error >= self.smoothed:
+                self._halve()
+        elif self.epoch_step > 0 and epoch % self.epoch_step == 0:
+            self._halve()
+        if self.epoch_step < self.epochs and self.smoothed <= self.ZERO:
+            return "zero training error reached"
+        return None
+
+    def _halve(self) -> None:
+        self.lr /= 2
+        self.halvings += 1
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "smoothed": self.smoothed, "halvings": self.halvings}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr, self.smoothed, self.halvings = state["lr"], state["smoothed"], state["halvings"]
+
+
+@torch.no_grad()
+def max_norm_(model: nn.Module, max_out: float, max_in: float) -> None:
+    """Renormalise every parameter with 2+ dims: each slice along dim 0 to L2 norm
+    ≤ max_out, then each slice along the last dim to ≤ max_in (400 = off, SPEC §4)."""
+    for p in model.parameters():
+        if p.dim() < 2:
+            continue
+        if max_out < 400:
+            p.copy_(torch.renorm(p, 2, 0, max_out))
+        if max_in < 400:
+            p.copy_(torch.renorm(p, 2, p.dim() - 1, max_in))
+
+
+@torch.no_grad()
+def zero_biases_(model: nn.Module) -> None:
+    """`-bias 0`: biases of Linear / Conv layers held at zero after every step."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            m.bias.zero_()
