@@ -11,6 +11,7 @@ with `reduce`, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -111,7 +112,13 @@ def wrap(model: nn.Module, rt: Runtime, *, batch_reduction: str = "mean") -> nn.
     # broadcast_buffers=False: feedback matrices are equal by construction (checked
     # above) and need no per-step broadcast; BN running statistics stay per rank
     # (rank 0's are saved).
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    ddp_args = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in ddp_args
+        else {"broadcast_buffers": False}
+    )
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, **no_sync)
     if batch_reduction == "sum":
         ddp.register_comm_hook(None, _sum_hook)
     return ddp

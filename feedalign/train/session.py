@@ -98,6 +98,8 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     resolve(opts)
     torch.set_num_threads(opts.threads)
     rt = dist.setup(opts.type, opts.devid)
+    if not rt.is_main:  # one voice: rank 0 reports, the others only warn
+        logging.getLogger("feedalign").setLevel(logging.WARNING)
     run_dir = Path(resume) if resume else Path(opts.save) if opts.save else default_run_dir()
     saved = ckpt.load(run_dir / ckpt.CHECKPOINT) if resume else None
     if rt.is_main:

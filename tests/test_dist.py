@@ -1,0 +1,170 @@
+"""Data parallelism on CPU with gloo: N ranks × batch B step like one process with
+batch N·B; feedback mismatches are caught; only rank 0 writes; resume works; the
+batch loop reads nothing back to the host between sync points."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import feedalign
+from feedalign import dist
+from feedalign.data import EpochLoader
+from feedalign.train.config import Options
+from feedalign.train.loop import SYNC_EVERY, EpochState, Step, StopFlag, train_epoch
+from feedalign.train.optim import Schedule, Stepper
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    torch.set_num_threads(1)
+
+
+def _steps(rank, world, port, criterion, rule, batch, k, out, seed_offset=0):
+    """K sgd steps of a small mlp on fixed synthetic data; rank 0 saves the weights."""
+    _env(rank, world, port)
+    rt = dist.setup("float", 1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(256, 10, generator=g), torch.randint(0, 4, (256,), generator=g)
+        model = feedalign.build_model("mlp", (10,), 4, gradient=rule, nonlin="relu", num_hidden=16,
+                                      criterion=criterion, seed=1 + seed_offset * rank)  # fmt: skip
+        crit = feedalign.make_criterion(criterion)
+        dist.check_same_feedback(rt, feedalign.feedback(model))
+        ddp = dist.wrap(model, rt, batch_reduction=getattr(crit, "batch_reduction", "mean"))
+        opts = Options(optimization="sgd", LR=0.05, type="float")
+        step = Step(ddp, crit, Stepper(model.parameters(), opts), Schedule(0.05, -1, 1))
+        loader = EpochLoader(x, y, batch, seed=3, rank=rt.rank, world_size=rt.world_size)
+        loader.set_epoch(1)
+        for i, (xb, yb) in enumerate(loader):
+            if i == k:
+                break
+            step(xb, yb)
+        if rt.is_main:
+            torch.save(model.state_dict(), out)
+    except RuntimeError as err:
+        Path(f"{out}.rank{rank}.err").write_text(str(err))
+    finally:
+        dist.teardown()
+
+
+def _single(criterion, rule, batch, k, out):
+    os.environ.pop("WORLD_SIZE", None)
+    _steps(0, 1, 0, criterion, rule, batch, k, out)
+
+
+@pytest.mark.parametrize("criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp")])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, criterion, rule):
+    two, one = tmp_path / "two.pt", tmp_path / "one.pt"
+    mp.spawn(_steps, args=(2, _free_port(), criterion, rule, 16, 6, str(two)), nprocs=2)
+    _single(criterion, rule, 32, 6, str(one))
+    a = torch.load(two, weights_only=True)
+    b = torch.load(one, weights_only=True)
+    init = feedalign.build_model("mlp", (10,), 4, gradient=rule, nonlin="relu", num_hidden=16,
+                                 criterion=criterion, seed=1).state_dict()  # fmt: skip
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # it did train
+
+
+def test_feedback_mismatch_between_ranks_is_caught(tmp_path):
+    out = tmp_path / "x.pt"
+    mp.spawn(_steps, args=(2, _free_port(), "bce", "dfa", 16, 1, str(out), 1), nprocs=2)
+    errors = [Path(f"{out}.rank{r}.err").read_text() for r in (0, 1)]
+    assert all("feedback matrices differ between ranks" in e and "-seed" in e for e in errors)
+    assert not out.exists()
+
+
+def _train_worker(rank, world, port, base, save_per_rank, stop_at, resume):
+    _env(rank, world, port)
+    from feedalign.train.session import Interrupted, train
+
+    save = f"{base}/run_rank{rank}" if save_per_rank else f"{base}/run"
+    opts = Options(dataset="digits", datapath=f"{base}/D", preProcDir=f"{base}/P", epoch=2, num_hidden=32,
+                   batchSize=16, seed=4, quiet=True, threads=1, type="float", save=save)  # fmt: skip
+    try:
+        train(opts, resume=save if resume else None, stop_at=stop_at)
+    except Interrupted:
+        Path(f"{base}/interrupted{rank}").touch()
+    finally:
+        dist.teardown()
+
+
+def test_only_rank_zero_writes_and_a_distributed_run_resumes(tmp_path):
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), True, None, False), nprocs=2)
+    assert (tmp_path / "run_rank0" / "finished.json").exists()
+    assert not (tmp_path / "run_rank1").exists()
+    env = json.loads((tmp_path / "run_rank0" / "env.json").read_text())
+    assert env["world_size"] == 2
+    ref = torch.load(tmp_path / "run_rank0" / "checkpoint.pt", weights_only=True)["model"]
+    # interrupt at a sync point of epoch 2 (the ranks agree there), then resume
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, (2, SYNC_EVERY), False), nprocs=2)
+    assert (tmp_path / "interrupted0").exists() and (tmp_path / "interrupted1").exists()
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, None, True), nprocs=2)
+    got = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+
+
+def test_batch_loop_reads_the_host_only_at_sync_points(monkeypatch):
+    """On a GPU every .item()/.tolist() is a synchronisation; count them on CPU."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64 * 100, 10, generator=g), torch.randint(0, 4, (6400,), generator=g)
+    model = feedalign.build_model("mlp", (10,), 4, gradient="dfa", num_hidden=8, seed=0)
+    opts = Options(type="float")
+    step = Step(model, feedalign.BCE(), Stepper(model.parameters(), opts), Schedule(1e-4, -1, 1))
+    loader = EpochLoader(x, y, 64, seed=0)
+    loader.set_epoch(1)
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **kw):
+            reads["n"] += 1
+            return _original(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    state = train_epoch(step, loader, EpochState(), stop=StopFlag(), progress=True)
+    assert state.batch == 100
+    sync_points = 100 // SYNC_EVERY
+    assert reads["n"] <= 3 * sync_points, f"{reads['n']} host reads in 100 batches"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_epoch_has_no_hidden_synchronisation():
+    device = torch.device("cuda")
+    x, y = torch.randn(6400, 1, 28, 28, device=device), torch.randint(0, 10, (6400,), device=device)
+    model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient="dfa", seed=0).to(device)
+    step = Step(
+        model, feedalign.BCE(), Stepper(model.parameters(), Options(type="cuda")), Schedule(1e-4, -1, 1)
+    )
+    loader = EpochLoader(x, y, 64, seed=0, augment=False)
+    loader.set_epoch(1)
+    train_epoch(step, loader, EpochState(), stop=StopFlag(), progress=False)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call outside sync points raises
+    try:
+        loader.set_epoch(2)
+        state = EpochState(wrong=torch.zeros((), device=device), loss_sum=torch.zeros((), device=device))
+        it = iter(loader)
+        for _ in range(SYNC_EVERY - 1):
+            xb, yb = next(it)
+            step(xb, yb)
+            state.wrong += (step.model(xb).argmax(1) != yb).sum()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
