@@ -5,9 +5,10 @@ autograd back-prop loop of the same network, measured in the same run.
     python bench/throughput.py --layers 2 --rounds 9 --steps 300
 
 Each round times `--steps` training steps (forward, loss, backward, RMSprop
-step) of every variant in turn (interleaved, so drifts in machine load hit all
-of them alike); the figure is the median over rounds, in samples per second,
-and the ratio to plain PyTorch BP from the same round.
+step) of every variant in turn, in a rotating order (interleaved in short
+blocks, so drifts in machine load hit all of them alike); the figures are the
+medians over rounds of samples per second and of the ratio to plain PyTorch BP
+in the same round, with the interquartile range of that ratio.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
             step(x, y)
     rates: dict[str, list[float]] = {k: [] for k in steps}
     ratios: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.rounds):
+    names = list(steps)
+    for r in range(args.rounds):
         this_round = {}
-        for name, step in steps.items():
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            step = steps[name]
             t0 = time.perf_counter()
             for x, y in batches:
                 step(x, y)
@@ -92,16 +95,12 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--layers", type=int, nargs="+", default=[2, 4], help="hidden layers (default 2 4)"
-    )
+    p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="hidden layers (default 2 4)")
     p.add_argument("--hidden", type=int, default=800, help="units per hidden layer (default 800)")
     p.add_argument("--nonlin", default="tanh", help="tanh | sigm | relu (default tanh)")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--steps", type=int, default=200, help="training steps per round (default 200)")
-    p.add_argument(
-        "--rounds", type=int, default=7, help="rounds; the median is reported (default 7)"
-    )
+    p.add_argument("--rounds", type=int, default=7, help="rounds; the median is reported (default 7)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate (default 1e-4)")
     args = p.parse_args()
@@ -110,14 +109,14 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
         f"{args.steps} steps × {args.rounds} rounds, {args.nonlin}"
     )
-    print(f"{'network':<14}{'variant':<10}{'samples/s':>12}{'vs plain BP':>13}")
+    print(f"{'network':<14}{'variant':<10}{'samples/s':>12}{'vs plain BP':>13}{'IQR':>16}")
     for layers in args.layers:
         res = run(layers, args)
         for name in res["rates"]:
             rate = statistics.median(res["rates"][name])
-            ratio = statistics.median(res["ratios"][name])
+            q1, ratio, q3 = statistics.quantiles(res["ratios"][name], n=4)
             net = f"{layers}x{args.hidden}"
-            print(f"{net:<14}{name:<10}{rate:>12,.0f}{ratio:>12.3f}×")
+            print(f"{net:<14}{name:<10}{rate:>12,.0f}{ratio:>12.3f}×   {q1:.3f}–{q3:.3f}")
 
 
 if __name__ == "__main__":

@@ -86,9 +86,7 @@ def test_feedback_is_a_seeded_buffer_that_round_trips(rule, tmp_path):
     assert all(x.dtype == torch.float64 for x in feedalign.feedback(c))
     opt = torch.optim.SGD(c.parameters(), lr=1.0)
     before = [x.clone() for x in feedalign.feedback(c)]
-    feedalign.BCE()(
-        c(torch.rand(3, 1, 8, 8, dtype=torch.float64)), torch.tensor([0, 1, 2])
-    ).backward()
+    feedalign.BCE()(c(torch.rand(3, 1, 8, 8, dtype=torch.float64)), torch.tensor([0, 1, 2])).backward()
     opt.step()
     assert all(torch.equal(x, y) for x, y in zip(before, feedalign.feedback(c)))
 

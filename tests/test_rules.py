@@ -16,7 +16,16 @@ import feedalign
 from feedalign.rules.dfa import DFAFunction
 from feedalign.rules.fa import FAConv2dFunction, FALinearFunction
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Every tensor here is float64; the default is restored for the other test files."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 DERIV = {  # f'(a) written from the output h = f(a), as the formulas use it
     "tanh": (nn.Tanh, lambda a: 1 - torch.tanh(a) ** 2),
     "sigm": (nn.Sigmoid, lambda a: torch.sigmoid(a) * (1 - torch.sigmoid(a))),
@@ -116,9 +125,7 @@ def _bn_backward(dy, xhat, gamma, var, eps):
 
 def test_dfa_block_with_batchnorm_and_dropout_matches_formula():
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3)
-    )
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 3))
     with torch.no_grad():
         model[1].weight.uniform_(0.5, 1.5)
         model[1].bias.uniform_(-0.5, 0.5)
@@ -158,9 +165,7 @@ def _conv_grads(x, delta, weight_or_feedback, k, pad):
 def _maxpool_backward(a, d_out):
     """Route each pooled error to the arg-max of its 2×2 window (stride 2)."""
     _, idx = F.max_pool2d(a, 2, return_indices=True)
-    return (
-        torch.zeros_like(a).flatten(2).scatter_add(2, idx.flatten(2), d_out.flatten(2)).view_as(a)
-    )
+    return torch.zeros_like(a).flatten(2).scatter_add(2, idx.flatten(2), d_out.flatten(2)).view_as(a)
 
 
 @pytest.mark.parametrize("rule", ["fa", "dfa"])
@@ -284,12 +289,8 @@ def test_gradcheck_custom_functions():
     b = torch.randn(2, generator=g, requires_grad=True)
     # weight and bias paths are true gradients whatever B is; the input path is when B = W
     B = torch.randn(2, 3, generator=g)
-    assert torch.autograd.gradcheck(
-        lambda w, b: FALinearFunction.apply(x.detach(), w, b, B), (w, b)
-    )
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: FALinearFunction.apply(x, w, b, w.detach()), (x, w, b)
-    )
+    assert torch.autograd.gradcheck(lambda w, b: FALinearFunction.apply(x.detach(), w, b, B), (w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: FALinearFunction.apply(x, w, b, w.detach()), (x, w, b))
     xc = torch.randn(2, 2, 5, 5, generator=g, requires_grad=True)
     wc = torch.randn(3, 2, 3, 3, generator=g, requires_grad=True)
     bc = torch.randn(3, generator=g, requires_grad=True)

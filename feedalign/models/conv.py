@@ -54,9 +54,7 @@ def conv(
         layers.append(nn.MaxPool2d(3, stride=2))
         c, h, w = out_c, _pooled(h), _pooled(w)
         if min(h, w) < 1:
-            raise ValueError(
-                f"conv: input {tuple(input_shape)} is too small for three 3/2 poolings"
-            )
+            raise ValueError(f"conv: input {tuple(input_shape)} is too small for three 3/2 poolings")
     layers.append(nn.Flatten())
     width = c * h * w
     for _ in range(2):

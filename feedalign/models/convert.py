@@ -60,13 +60,9 @@ def convert(
         raise ValueError(f"rfb_mag must be >= 0 (0 = SPEC defaults), got {rfb_mag}")
     if any(getattr(m, "rule", None) for m in model.modules()):
         raise ValueError("model is already converted; build a fresh model to change its rule")
-    bad = [
-        f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules() if _unsupported(m)
-    ]
+    bad = [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules() if _unsupported(m)]
     if bad and rule != "bp":
-        raise ValueError(
-            f"{rule} supports nn.Linear and nn.Conv2d only; cannot convert: {', '.join(bad)}"
-        )
+        raise ValueError(f"{rule} supports nn.Linear and nn.Conv2d only; cannot convert: {', '.join(bad)}")
     if rule == "fa":
         _convert_fa(model, rfb_mag, generator(seed))
     elif rule == "dfa":

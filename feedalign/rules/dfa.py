@@ -104,9 +104,7 @@ class DFAOutput(nn.Module):
             missing = [i for i, h in enumerate(inputs) if h is None]
             raise RuntimeError(f"dfa: taps {missing} saw no input in this forward pass")
         if y.dim() != 2 or y.shape[1] != self.n_out:
-            raise RuntimeError(
-                f"dfa: expected logits of shape (N, {self.n_out}), got {tuple(y.shape)}"
-            )
+            raise RuntimeError(f"dfa: expected logits of shape (N, {self.n_out}), got {tuple(y.shape)}")
         self.broadcast.inputs = [None] * len(inputs)  # drop references; next pass starts clean
         return DFAFunction.apply(y, self.feedback, *taps)
 

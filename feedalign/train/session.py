@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -241,6 +242,8 @@ def _alignment_hook(opts, model, criterion, stepper, stop_at, rt):
 
                 for layer, metrics in alignment(model, x, y, criterion).items():
                     for metric, value in metrics.items():
+                        if not math.isfinite(value):  # nan: a zero gradient has no direction
+                            continue
                         total = state.extras.setdefault(f"{layer}/{metric}", [0.0, 0])
                         total[0] += value
                         total[1] += 1

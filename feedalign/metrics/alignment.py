@@ -1,0 +1,157 @@
+"""Alignment diagnostics: how far a rule's learning signal is from back-prop's.
+
+`alignment(model, x, y, criterion)` runs the batch twice on the same model —
+once with its rule (fa or dfa), once inside `feedalign.backprop(model)` — and
+returns, per Linear / Conv2d layer (named as in `model.named_modules()`),
+angles in degrees:
+
+    "update"    between the rule's weight gradient dL/dW and back-prop's;
+    "error"     between the error each rule delivers at the layer's output
+                (dL/d(pre-activation), flattened over the batch) and back-prop's.
+                For dfa this is e·B_i carried back through the block's own
+                nonlinearity / dropout / pooling; for fa the error sent down
+                through the B's of the layers above;
+    "feedback"  fa only: between the layer's fixed feedback matrix B and its W.
+
+0° means the rule computes back-prop there; 90° means an unrelated direction.
+Nøkland (2016, Fig. 3) and Lillicrap et al. (2016) watch these angles fall
+below 90° as the forward weights come to align with the feedback.
+
+The call leaves the model as it found it: parameter `.grad`s, BatchNorm running
+statistics, train/eval mode and the global RNG (both passes draw the same
+dropout masks) are restored; nothing is deep-copied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from feedalign.rules import backprop
+
+WEIGHTED = (nn.Linear, nn.Conv2d)  # FALinear / FAConv2d are subclasses
+CHUNK = 1 << 16  # elements per float64 slice in angle()
+
+
+def angle(a: Tensor, b: Tensor) -> float:
+    """Angle between `a` and `b` (any shapes, flattened) in degrees, in [0, 180].
+
+    nan if either is the zero vector (it has no direction). The three dot
+    products are taken in float64: acos of the cosine then resolves angles near
+    0° to about 1e-6 degrees, far below the rounding noise of the gradients.
+    """
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    if a.numel() != b.numel():
+        raise ValueError(f"angle: sizes differ ({a.numel()} vs {b.numel()} elements)")
+    dots = torch.zeros(3, dtype=torch.float64, device=a.device)
+    # float64 in cache-sized chunks: one full-size copy would cost more than the dots
+    for ca, cb in zip(a.split(CHUNK), b.split(CHUNK)):
+        ca, cb = ca.to(torch.float64), cb.to(torch.float64)
+        dots += torch.stack([ca @ cb, ca @ ca, cb @ cb])
+    ab, aa, bb = dots.tolist()  # one device sync
+    if aa == 0 or bb == 0:
+        return math.nan
+    return math.degrees(math.acos(max(-1.0, min(1.0, ab / math.sqrt(aa * bb)))))
+
+
+def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """name -> module for every Linear / Conv2d, in `named_modules()` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
+
+
+@contextmanager
+def _output_errors(layers: dict[str, nn.Module]) -> Iterator[dict[str, list[Tensor]]]:
+    """Collects dL/d(layer output) per layer during one forward + backward.
+
+    A forward hook registers a tensor hook on each layer's output; both kinds are
+    removed on exit. A layer called several times in one pass gets several entries.
+    """
+    grads: dict[str, list[Tensor]] = {name: [] for name in layers}
+
+    def on_forward(name: str) -> Callable:
+        def hook(module: nn.Module, inputs, output) -> None:
+            if isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(lambda g: grads[name].append(g.detach().clone()))
+
+        return hook
+
+    handles = [m.register_forward_hook(on_forward(name)) for name, m in layers.items()]
+    try:
+        yield grads
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _running_stats(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(buffer, saved copy) for every buffer of a norm layer with running statistics
+    (running_mean, running_var, num_batches_tracked)."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            saved.extend((buf, buf.detach().clone()) for buf in m.buffers(recurse=False))
+    return saved
+
+
+def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for buf, copy in saved:
+            buf.copy_(copy)
+
+
+def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> dict[str, dict[str, float]]:
+    """Angles (degrees) between `model`'s rule and back-prop on the batch (x, y).
+
+    Returns {layer name: {"update": °, "error": °[, "feedback": ° (fa)]}} for every
+    Linear / Conv2d layer whose weight receives a gradient. For a bp model every
+    angle is 0. An angle is nan where either vector is zero (e.g. back-prop's
+    gradient in the hidden layers of a network whose weights are all still zero).
+    Cost: two forward and two backward passes (about two training steps).
+    """
+    layers = {n: m for n, m in weighted_layers(model).items() if m.weight.requires_grad}
+    params = list(model.parameters())
+    grads_before = [p.grad for p in params]
+    stats = _running_stats(model)
+    devices = [x.device] if x.device.type == "cuda" else []
+    passes: list[tuple[dict[str, Tensor | None], dict[str, list[Tensor]]]] = []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            cpu_rng = torch.get_rng_state()
+            cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
+            for use_rule in (True, False):
+                torch.set_rng_state(cpu_rng)  # the same dropout masks in both passes
+                for d, state in zip(devices, cuda_rng):
+                    torch.cuda.set_rng_state(state, d)
+                for p in params:
+                    p.grad = None
+                with _output_errors(layers) as errors:
+                    if use_rule:
+                        criterion(model(x), y).backward()
+                    else:
+                        with backprop(model):
+                            criterion(model(x), y).backward()
+                passes.append(({n: m.weight.grad for n, m in layers.items()}, errors))
+                _restore(stats)
+    finally:
+        for p, g in zip(params, grads_before):
+            p.grad = g
+        _restore(stats)
+
+    (rule_w, rule_e), (bp_w, bp_e) = passes
+    out: dict[str, dict[str, float]] = {}
+    for name, layer in layers.items():
+        if rule_w[name] is None or bp_w[name] is None:
+            continue  # not reached by this loss (e.g. an unused branch)
+        metrics = {"update": angle(rule_w[name], bp_w[name])}
+        if rule_e[name] and len(rule_e[name]) == len(bp_e[name]):
+            metrics["error"] = angle(torch.cat([g.reshape(-1) for g in rule_e[name]]),
+                                     torch.cat([g.reshape(-1) for g in bp_e[name]]))  # fmt: skip
+        fb = getattr(layer, "feedback", None)
+        if isinstance(fb, Tensor) and fb.shape == layer.weight.shape:
+            metrics["feedback"] = angle(fb, layer.weight)
+        out[name] = metrics
+    return out

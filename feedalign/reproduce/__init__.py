@@ -1,0 +1,135 @@
+"""`feedalign reproduce {mnist,cifar10,cifar100}`: the paper's tables, run and reported.
+
+    feedalign reproduce mnist --rows 2x800 --seeds 3 --jobs 4 --datapath ../shared/data
+
+expands the chosen rows (experiments/<suite>/*.json) × rules × seeds into
+`feedalign train` runs under `<out>/runs/<row>/<rule>/seed<k>`, runs them J at a
+time (finished ones are skipped, interrupted ones resumed: the same command
+continues a stopped reproduction), then writes `<out>/report.md` and `report.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+from pathlib import Path
+
+from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, SUITES, load_suite, select_rows
+from feedalign.rules import RULES
+from feedalign.train.config import Options
+
+log = logging.getLogger("feedalign")
+DEFAULT_SEEDS = 3
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="run the paper's table rows (rows × rules × seeds) and report against the published errors",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("suite", choices=SUITES, help="which table: mnist, cifar10 or cifar100")
+    p.add_argument("--rows", nargs="+", metavar="ROW",
+                   help="row names or prefixes (2x800 = every 2x800 row); default: all rows")  # fmt: skip
+    p.add_argument("--rules", nargs="+", choices=RULES, metavar="RULE",
+                   help="bp, fa and/or dfa; default: the rules each row reports")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
+                   help=f"runs per row and rule, seeds 1..N (default {DEFAULT_SEEDS})")  # fmt: skip
+    p.add_argument("--epochs", type=int,
+                   help=f"epochs per run (default: the row's, the paper's {PAPER_EPOCHS})")  # fmt: skip
+    p.add_argument("--jobs", type=int, help="runs at a time (default: min(CPU count, runs to do))")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: CPU count / jobs)")
+    p.add_argument("--datapath", help="folder holding <dataset>/ (default: the trainer's ./Datasets/)")
+    p.add_argument("--out", type=Path, help="output folder (default: ./reproduce-<suite>)")
+    p.add_argument("--set", nargs="+", default=[], metavar="NAME=VALUE", dest="overrides",
+                   help="extra train options for every run, e.g. type=float alignment=100")  # fmt: skip
+    p.add_argument("--experiments", type=Path, default=EXPERIMENTS,
+                   help=f"folder of row files (default: {EXPERIMENTS})")  # fmt: skip
+    p.add_argument(
+        "--dry-run", action="store_true", help="show what would run, with each command; run nothing"
+    )
+    p.add_argument(
+        "--report-only", action="store_true", help="write the report from what is there; run nothing"
+    )
+    p.set_defaults(func=run_reproduce)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """["type=float", "alignment=100"] -> {"type": "float", "alignment": "100"}; the trainer
+    parses the values, names are checked here against Options."""
+    fields = {f.name for f in dataclasses.fields(Options)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.lstrip("-")
+        if not sep or not name:
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+        if name in ("gradient", "seed", "save"):
+            raise ValueError(f"--set {name}: set per run by reproduce (use --rules / --seeds / --out)")
+        if name not in fields:
+            raise ValueError(f"--set {name}: not a train option; they are: {', '.join(sorted(fields))}")
+        out[name] = value
+    return out
+
+
+def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
+    from feedalign.reproduce import runner
+    from feedalign.reproduce.report import write_report
+
+    try:
+        rows = select_rows(load_suite(args.suite, args.experiments), args.rows)
+        overrides = parse_overrides(args.overrides)
+        if args.datapath:
+            overrides["datapath"] = args.datapath
+        out = args.out or Path(f"reproduce-{args.suite}")
+        runs = runner.plan(rows, rules=args.rules, seeds=args.seeds, out=out, epochs=args.epochs,
+                           overrides=overrides)  # fmt: skip
+        if not runs:
+            raise ValueError(f"no runs: rows {[r.name for r in rows]} report none of the rules {args.rules}")
+        for name in ("jobs", "threads", "epochs"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    except ValueError as err:
+        log.error(f"error: {err}")
+        return 2
+    expected = [(r.row, r.rule, r.seed, r.dir) for r in runs]
+    title = f"Reproduction report: {args.suite} (Nøkland 2016)"
+    if args.report_only:
+        if not out.is_dir():
+            log.error(f"error: {out} does not exist; nothing to report")
+            return 2
+        write_report(out, rows=rows, expected=expected, title=title, experiments=args.experiments)
+        return 0
+
+    work = [(r, runner.decide(r)) for r in runs]
+    todo = [(r, a) for r, a in work if a != "skip"]
+    jobs = args.jobs or runner.default_jobs(len(todo))
+    threads = args.threads or max(1, runner.cpu_count() // jobs)
+    counts = {a: sum(1 for _, b in work if b == a) for a in ("fresh", "resume", "extend", "skip")}
+    summary = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
+    log.info(f"{args.suite}: {len(rows)} row(s), {len(runs)} run(s): {summary}; "
+             f"{jobs} at a time, {threads} thread(s) each; output {out}")  # fmt: skip
+    kw = {"trainer": trainer} if trainer else {}
+    if args.dry_run:
+        for r, action in work:
+            cmd = "" if action == "skip" else shlex.join(runner.command(r, action, threads=threads, **kw))
+            print(f"{r.label:<40} {action:<7} {cmd}")
+        return 0
+
+    out.mkdir(parents=True, exist_ok=True)
+    status = 0
+    try:
+        results = runner.execute(todo, jobs=jobs, threads=threads, **kw)
+        failed = sorted(label for label, rc in results.items() if rc != 0)
+        if failed:
+            log.error(f"{len(failed)} run(s) failed (see their train.log): {', '.join(failed)}")
+            status = 1
+    except KeyboardInterrupt:
+        log.warning("stopped; run the same command again to continue")
+        status = 130
+    write_report(out, rows=rows, expected=expected, title=title, experiments=args.experiments)
+    return status

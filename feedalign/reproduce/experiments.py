@@ -1,0 +1,127 @@
+"""The paper's tables as data: one JSON file per row under `experiments/<suite>/`.
+
+A row file holds
+    row          the row's name, e.g. "2x800-tanh"
+    order        its position in the paper's table
+    dataset      Options.dataset of every run of the row
+    description  what the row is, in words
+    options      train options common to all rules (Options field names)
+    rules        the rules the paper reports for the row, e.g. ["bp", "fa", "dfa"]
+    published    {rule: {"test": %, "std": % or null, "train": % or null[, "roughly": true]}}
+    note         where the published figures come from, and how exact they are
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from feedalign.rules import RULES
+from feedalign.train.config import Options
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # the repository's experiments/
+SUITES = ("mnist", "cifar10", "cifar100")
+PAPER_EPOCHS = 300  # every run in the paper (SPEC §7)
+REQUIRED = ("row", "dataset", "options", "rules", "published")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    suite: str
+    dataset: str
+    options: dict  # train options without gradient and seed
+    rules: tuple[str, ...]
+    published: dict[str, dict] = field(default_factory=dict)
+    order: int = 0
+    description: str = ""
+    note: str = ""
+
+    @property
+    def epochs(self) -> int:
+        """The row's epoch budget as configured (the paper's, unless the file says otherwise)."""
+        return int(self.options.get("epoch", PAPER_EPOCHS))
+
+
+def load_row(path: Path, suite: str) -> Row:
+    """Read and check one row file; errors name the file and what is wrong."""
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(
+            f"{path}: missing key(s) {', '.join(missing)}; a row file needs {', '.join(REQUIRED)}"
+        )
+    fields = {f.name for f in dataclasses.fields(Options)}
+    unknown = sorted(set(d["options"]) - fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}; use Options field names")
+    fixed = sorted({"gradient", "seed", "save"} & set(d["options"]))
+    if fixed:
+        raise ValueError(f"{path}: options must not set {', '.join(fixed)}; the runner sets them per run")
+    bad_rules = [r for r in d["rules"] if r not in RULES]
+    if bad_rules or not d["rules"]:
+        raise ValueError(f"{path}: rules {d['rules']} must be a non-empty list of {', '.join(RULES)}")
+    extra = sorted(set(d["published"]) - set(d["rules"]))
+    if extra:
+        raise ValueError(f"{path}: published figures for {', '.join(extra)}, which is not in rules")
+    return Row(
+        name=d["row"],
+        suite=suite,
+        dataset=d["dataset"],
+        options={"dataset": d["dataset"], **d["options"]},
+        rules=tuple(d["rules"]),
+        published=d["published"],
+        order=int(d.get("order", 0)),
+        description=d.get("description", ""),
+        note=d.get("note", ""),
+    )
+
+
+def load_suite(suite: str, folder: str | Path = EXPERIMENTS) -> list[Row]:
+    """The rows of `suite` ("mnist", "cifar10", "cifar100"), in the paper's table order."""
+    where = Path(folder) / suite
+    if not where.is_dir():
+        known = sorted(p.name for p in Path(folder).iterdir() if p.is_dir()) if Path(folder).is_dir() else []
+        there = ", ".join(known) or "none"
+        raise ValueError(f"no experiments for suite {suite!r} in {Path(folder)}; suites there: {there}")
+    rows = [load_row(p, suite) for p in sorted(where.glob("*.json"))]
+    if not rows:
+        raise ValueError(f"{where} holds no row files (*.json)")
+    names = [r.name for r in rows]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{where}: row name(s) {', '.join(dup)} appear in more than one file")
+    return sorted(rows, key=lambda r: (r.order, r.name))
+
+
+def select_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
+    """Rows named in `wanted` (exact names or prefixes: "2x800" selects every 2x800 row),
+    in table order; None or [] selects all. An unmatched name is an error listing the rows."""
+    if not wanted:
+        return list(rows)
+    chosen: set[str] = set()
+    for w in wanted:
+        hits = [r.name for r in rows if r.name == w or r.name.startswith(w)]
+        if not hits:
+            raise ValueError(f"no row matches {w!r}; the rows are: {', '.join(r.name for r in rows)}")
+        chosen.update(hits)
+    return [r for r in rows if r.name in chosen]
+
+
+def suite_of_dataset(dataset: str) -> str | None:
+    """Options.dataset -> suite name, for reports on folders of runs (None if no suite)."""
+    key = dataset.lower()
+    return key if key in SUITES else None
+
+
+def find_row(dataset: str, name: str, folder: str | Path = EXPERIMENTS) -> Row | None:
+    """The row config called `name` for runs on `dataset`, if the experiments define one."""
+    suite = suite_of_dataset(dataset)
+    if suite is None or not (Path(folder) / suite).is_dir():
+        return None
+    return next((r for r in load_suite(suite, folder) if r.name == name), None)

@@ -1,0 +1,302 @@
+"""`feedalign reproduce`: the experiment files, row selection, the runner's decisions
+(with a fake trainer; nothing trains here) and the report on fabricated run directories."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from feedalign.cli import build_parser
+from feedalign.reproduce import parse_overrides, run_reproduce
+from feedalign.reproduce import runner as rn
+from feedalign.reproduce.experiments import SUITES, load_suite, select_rows
+from feedalign.reproduce.report import find_runs, group_runs, write_report
+
+MNIST_ROWS = ["7x240-tanh", "100x240-tanh", "1x800-tanh", "2x800-tanh", "3x800-tanh", "4x800-tanh",
+              "2x800-logistic", "2x800-relu", "2x800-tanh-dropout", "2x800-tanh-adversarial"]  # fmt: skip
+
+
+# --- experiments ------------------------------------------------------------------
+
+
+def test_suites_load_in_table_order_with_published_figures():
+    rows = load_suite("mnist")
+    assert [r.name for r in rows] == MNIST_ROWS
+    by = {r.name: r for r in rows}
+    assert by["100x240-tanh"].rules == ("dfa",)
+    assert by["100x240-tanh"].published["dfa"] == {"test": 3.92, "std": 0.09, "train": 0.12}
+    assert by["2x800-tanh-adversarial"].options["eps"] == 0.08
+    assert by["2x800-logistic"].options["nonlin"] == "sigm"
+    assert by["2x800-tanh-dropout"].published["fa"]["train"] == 0.20
+    assert all(r.options["LR"] == 1e-4 and r.epochs == 300 for r in rows)
+    for suite, lr, dfa in [("cifar10", 5e-5, 26.9), ("cifar100", 2.5e-5, 59.0)]:
+        (conv,) = load_suite(suite)
+        assert conv.name == "conv-tanh" and conv.options["whiten"] is True and conv.options["LR"] == lr
+        assert conv.published["dfa"]["test"] == dfa and conv.published["dfa"]["roughly"]
+    assert set(SUITES) == {"mnist", "cifar10", "cifar100"}
+
+
+def test_row_selection_by_prefix_and_unknown_name():
+    rows = load_suite("mnist")
+    names = [r.name for r in select_rows(rows, ["2x800"])]
+    assert names == ["2x800-tanh", "2x800-logistic", "2x800-relu", "2x800-tanh-dropout",
+                     "2x800-tanh-adversarial"]  # fmt: skip
+    assert [r.name for r in select_rows(rows, ["1x800-tanh", "7x"])] == ["7x240-tanh", "1x800-tanh"]
+    assert len(select_rows(rows, None)) == len(rows)
+    with pytest.raises(ValueError, match=r"no row matches '5x800'.*2x800-relu"):
+        select_rows(rows, ["5x800"])
+
+
+def test_bad_row_file_is_refused(tmp_path):
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "x.json").write_text(json.dumps(
+        {"row": "x", "dataset": "MNIST", "options": {"learning_rate": 1}, "rules": ["bp"], "published": {}}
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match="unknown option.*learning_rate"):
+        load_suite("mnist", tmp_path)
+    with pytest.raises(ValueError, match="suites there: mnist"):
+        load_suite("cifar10", tmp_path)
+
+
+# --- runner -------------------------------------------------------------------------
+
+
+def one_run(tmp_path, rule="dfa", epochs=5) -> rn.Run:
+    rows = select_rows(load_suite("mnist"), ["2x800-tanh-adversarial"])
+    (run,) = rn.plan(rows, rules=[rule], seeds=1, out=tmp_path, epochs=epochs)
+    return run
+
+
+def test_plan_expands_rows_rules_seeds(tmp_path):
+    rows = select_rows(load_suite("mnist"), ["100x240", "2x800-relu"])
+    runs = rn.plan(rows, rules=None, seeds=2, out=tmp_path, overrides={"datapath": "/data"})
+    assert [r.label for r in runs] == ["100x240-tanh/dfa/seed1", "100x240-tanh/dfa/seed2"] + [
+        f"2x800-relu/{rule}/seed{s}" for rule in ("bp", "fa", "dfa") for s in (1, 2)
+    ]
+    assert runs[0].dir == tmp_path / "runs" / "100x240-tanh" / "dfa" / "seed1"
+    assert runs[0].options["datapath"] == "/data" and runs[0].options["seed"] == 1
+    assert [r.label for r in rn.plan(rows, rules=["bp"], seeds=1, out=tmp_path)] == ["2x800-relu/bp/seed1"]
+
+
+def test_command_lines(tmp_path):
+    run = one_run(tmp_path)
+    fresh = rn.command(run, "fresh", threads=2, trainer=["T"])
+    assert fresh[0] == "T"
+    pairs = dict(zip(fresh[1::2], fresh[2::2]))
+    assert pairs["-gradient"] == "dfa" and pairs["-eps"] == "0.08" and pairs["-LR"] == "0.0001"
+    assert pairs["-epoch"] == "5" and pairs["-seed"] == "1" and pairs["-save"] == str(run.dir)
+    assert fresh[-3:] == ["-threads", "2", "--quiet"]
+    resume = rn.command(run, "resume", threads=1, trainer=["T"])
+    assert resume == ["T", "--resume", str(run.dir), "-epoch", "5", "-threads", "1", "--quiet"]
+    assert rn.option_args({"whiten": True, "augment": False, "svhn_extra": False, "seed": None}) == [
+        "-whiten", "-svhn_extra", "false"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="unknown train option"):
+        rn.option_args({"lr": 1})
+    with pytest.raises(ValueError, match="not a train option"):
+        parse_overrides(["lr=1"])
+    assert parse_overrides(["type=float", "-alignment=100"]) == {"type": "float", "alignment": "100"}
+
+
+def fabricate(run_dir: Path, *, epochs: int, test: list[float] | float = 0.02, train: float = 0.0,
+              budget: int | None = None, finished: bool = True, dataset: str = "MNIST", rule: str = "dfa",
+              seed: int = 1, checkpoint: bool = True, alignment: bool = False) -> Path:  # fmt: skip
+    """A run directory as the trainer leaves it (errors as fractions)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    opts = {"dataset": dataset, "gradient": rule, "seed": seed, "epoch": budget or epochs}
+    (run_dir / "options.json").write_text(json.dumps(opts))
+    tests = test if isinstance(test, list) else [test] * epochs
+    records = [{"epoch": e + 1, "train_error": train, "test_error": tests[e], "train_loss": 0.1,
+                "test_loss": 0.1, "lr": 1e-4, "seconds": 1.0, "smoothed_error": train}
+               for e in range(epochs)]  # fmt: skip
+    if alignment:
+        for r in records:
+            r["alignment"] = {"1": {"update": 80.0, "error": 70.0}, "3": {"update": 60.0, "error": 50.0}}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if checkpoint:
+        (run_dir / "checkpoint.pt").write_bytes(b"fake")
+    if finished:
+        (run_dir / "finished.json").write_text(
+            json.dumps({"reason": f"reached -epoch {epochs}", "epochs": epochs})
+        )
+    return run_dir
+
+
+def test_decide(tmp_path):
+    run = one_run(tmp_path, epochs=5)
+    assert rn.decide(run) == "fresh"
+    run.dir.mkdir(parents=True)
+    (run.dir / "options.json").write_text("{}")  # started, crashed before its first checkpoint
+    assert rn.decide(run) == "fresh"
+    fabricate(run.dir, epochs=2, budget=5, finished=False)
+    assert rn.decide(run) == "resume"
+    fabricate(run.dir, epochs=5)
+    assert rn.decide(run) == "skip"
+    assert rn.decide(one_run(tmp_path, epochs=3)) == "skip"  # ran longer than now asked
+    assert rn.decide(one_run(tmp_path, epochs=300)) == "extend"  # budget reached, now larger
+    fabricate(run.dir, epochs=4, budget=5)  # stopped early by its stopping rule: not extended
+    assert rn.decide(one_run(tmp_path, epochs=300)) == "skip"
+
+
+FAKE_TRAINER = """
+import json, os, sys
+from pathlib import Path
+argv = sys.argv[1:]
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps(argv) + "\\n")
+if "--resume" in argv:
+    d = Path(argv[argv.index("--resume") + 1])
+    opts = json.loads((d / "options.json").read_text())
+else:
+    d = Path(argv[argv.index("-save") + 1])
+    d.mkdir(parents=True, exist_ok=True)
+    opts = {k[1:]: v for k, v in zip(argv[0::2], argv[1::2]) if k.startswith("-")}
+if "-epoch" in argv:
+    opts["epoch"] = int(argv[argv.index("-epoch") + 1])
+if opts.get("gradient") == "fa" and opts.get("seed") == "2":
+    sys.exit(3)  # a failing run
+(d / "options.json").write_text(json.dumps(opts))
+n = int(opts["epoch"])
+(d / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_error": 0.0, "test_error": 0.02})
+                                         + "\\n" for e in range(1, n + 1)))
+(d / "checkpoint.pt").write_bytes(b"x")
+(d / "finished.json").write_text(json.dumps({"reason": "reached -epoch", "epochs": n}))
+"""
+
+
+def reproduce_args(out: Path, **kw) -> argparse.Namespace:
+    args = build_parser().parse_args(["reproduce", "mnist", "--out", str(out), "--rows", "2x800-tanh-adv",
+                                      "--seeds", "2", "--epochs", "3", "--jobs", "2"])  # fmt: skip
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_runner_skips_resumes_and_starts_fresh(tmp_path, monkeypatch):
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    out = tmp_path / "out"
+    runs = out / "runs" / "2x800-tanh-adversarial"
+    fabricate(runs / "bp" / "seed1", epochs=3, rule="bp")  # finished: skipped
+    fabricate(runs / "dfa" / "seed2", epochs=1, budget=3, finished=False)  # interrupted: resumed
+
+    status = run_reproduce(reproduce_args(out), trainer=[sys.executable, str(script)])
+
+    argvs = [json.loads(line) for line in calls.read_text().splitlines()]
+    started = {
+        (a[a.index("-save") + 1] if "-save" in a else "resume:" + a[a.index("--resume") + 1]) for a in argvs
+    }
+    assert str(runs / "bp" / "seed1") not in started and len(argvs) == 5
+    assert "resume:" + str(runs / "dfa" / "seed2") in started
+    assert str(runs / "fa" / "seed1") in started and str(runs / "dfa" / "seed1") in started
+    assert status == 1  # fa seed 2 failed
+    runner_info = json.loads((runs / "fa" / "seed2" / "runner.json").read_text())
+    assert runner_info["returncode"] == 3 and "-save" in runner_info["command"]
+    assert "# " in (runs / "fa" / "seed1" / "train.log").read_text()
+    report = (out / "report.md").read_text()
+    assert "failed (exit 3" in report and (out / "report.png").exists()
+
+    calls.unlink()  # again: only the failed run is started (fresh: it left no checkpoint)
+    assert run_reproduce(reproduce_args(out), trainer=[sys.executable, str(script)]) == 1
+    assert len(calls.read_text().splitlines()) == 1
+
+    calls.unlink()
+    assert run_reproduce(reproduce_args(out, dry_run=True), trainer=[sys.executable, str(script)]) == 0
+    assert not calls.exists()
+
+
+def test_sigint_reaches_each_child_once(tmp_path):
+    """The runner's Ctrl-C: one SIGINT per child, which checkpoints and exits."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import signal, sys, time, pathlib\n"
+        "d = pathlib.Path(sys.argv[1])\n"
+        "def stop(*_):\n"
+        "    n = int((d / 'sigints').read_text()) + 1 if (d / 'sigints').exists() else 1\n"
+        "    (d / 'sigints').write_text(str(n)); time.sleep(0.3); sys.exit(130)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "(d / 'ready').write_text('1')\n"
+        "time.sleep(30)\n"
+    )
+    run = one_run(tmp_path)
+    run.dir.mkdir(parents=True)
+    child = rn._start(run, "fresh", 1, [sys.executable, str(script), str(run.dir)])
+    deadline = time.monotonic() + 10
+    while not (run.dir / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rn._stop([child], grace_s=10)
+    assert rn._finish(child) == 130
+    assert (run.dir / "sigints").read_text() == "1"
+    assert json.loads((run.dir / "runner.json").read_text())["returncode"] == 130
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def test_report_on_fabricated_runs(tmp_path):
+    out = tmp_path / "rep"
+    runs = out / "runs"
+    for seed, err in zip((1, 2, 3), (0.015, 0.017, 0.019)):
+        fabricate(runs / "2x800-tanh" / "bp" / f"seed{seed}", epochs=20, test=err, train=0.0001 * seed,
+                  rule="bp", seed=seed)  # fmt: skip
+    fabricate(runs / "2x800-tanh" / "dfa" / "seed1", epochs=20, test=0.018, seed=1, alignment=True)
+    fabricate(runs / "2x800-tanh" / "dfa" / "seed2", epochs=4, budget=20, finished=False, seed=2)
+    fabricate(runs / "1x800-tanh" / "bp" / "seed1", epochs=300, test=0.016, rule="bp")
+    rows = select_rows(load_suite("mnist"), ["1x800-tanh", "2x800-tanh"])
+    rows = [r for r in rows if r.name in ("1x800-tanh", "2x800-tanh")]
+    expected = [(r.row, r.rule, r.seed, r.dir) for r in rn.plan(rows, rules=None, seeds=3, out=out)]
+
+    write_report(out, rows=rows, expected=expected, title="T")
+
+    text = (out / "report.md").read_text()
+    lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()
+             if line.startswith("| ") and "---" not in line and not line.startswith("| row ")}  # fmt: skip
+    bp = lines[("2x800-tanh", "bp")]
+    assert "| 1.70 ± 0.20 |" in bp and "| 0.02 ± 0.01 |" in bp and "| 3/3 |" in bp and "| 20 |" in bp
+    assert "| 1.60 ± 0.06 |" in bp and "| +0.10 |" in bp
+    dfa = lines[("2x800-tanh", "dfa")]
+    assert "| 1.80 ± — |" in dfa and "| 1/3 |" in dfa and "| 4–20 |" in dfa and "| 1.74 ± 0.08 |" in dfa
+    assert "seed 2: running/interrupted (epoch 4)" in dfa and "seed 3: missing" in dfa
+    fa = lines[("2x800-tanh", "fa")]
+    assert "| missing |" in fa and "| 0/3 |" in fa and "| 1.64 ± 0.03 |" in fa
+    one = lines[("1x800-tanh", "bp")]
+    assert "| 1.60 ± — |" in one and "| 1/3 |" in one and "| 300 |" in one and "| 1.59 ± 0.04 |" in one
+    assert list(lines)[:3] == [("1x800-tanh", "bp"), ("1x800-tanh", "fa"), ("1x800-tanh", "dfa")]
+    shorter = next(line for line in text.splitlines() if "Shorter than" in line)
+    assert "2x800-tanh (20 epochs)" in shorter and "1x800-tanh" not in shorter
+    assert "differ from their row's options" not in text
+    opts = json.loads((runs / "1x800-tanh" / "bp" / "seed1" / "options.json").read_text())
+    (runs / "1x800-tanh" / "bp" / "seed1" / "options.json").write_text(json.dumps(opts | {"num_hidden": 32}))
+    write_report(out, rows=rows, expected=expected, title="T")
+    assert "1x800-tanh: num_hidden=32 (row: 800)" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
+
+
+def test_report_on_any_folder_and_running_only(tmp_path):
+    fabricate(tmp_path / "a", epochs=3, budget=300, finished=False, seed=7)
+    fabricate(tmp_path / "b", epochs=300, test=0.02, rule="bp", seed=8)
+    groups = group_runs(find_runs(tmp_path))
+    assert [(g.row, g.rule, len(g.runs)) for g in groups] == [
+        (tmp_path.name, "bp", 1),
+        (tmp_path.name, "dfa", 1),
+    ]
+    write_report(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "running/interrupted (epoch 3)" in text and "Every run present was given the paper's 300" in text
+
+
+def test_cli_report_only_and_errors(tmp_path, caplog):
+    args = build_parser().parse_args(
+        ["reproduce", "cifar10", "--out", str(tmp_path / "none"), "--report-only"]
+    )
+    assert args.func(args) == 2
+    args = build_parser().parse_args(["reproduce", "mnist", "--rows", "9x9", "--out", str(tmp_path)])
+    assert args.func(args) == 2
+    assert "no row matches '9x9'" in caplog.text
