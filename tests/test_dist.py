@@ -168,3 +168,18 @@ def test_cuda_epoch_has_no_hidden_synchronisation():
             state.wrong += (step.model(xb).argmax(1) != yb).sum()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_original_ngpu_option_launches_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "feedalign", "train", "-nGPU", "2", "-type", "float", "-dataset", "digits",
+           "-datapath", str(tmp_path), "-preProcDir", str(tmp_path / "P"), "-epoch", "1", "-num_hidden", "16",
+           "-threads", "1", "-seed", "2", "-save", str(run), "--quiet"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "torchrun --nproc-per-node 2 -m feedalign train" in res.stdout + res.stderr
+    assert json.loads((run / "env.json").read_text())["world_size"] == 2
+    assert (run / "finished.json").exists()

@@ -359,3 +359,9 @@ def test_mnist_one_epoch_dfa_reaches_under_10_percent(shared_data, tmp_path):
     run = train(opts)
     (row,) = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert row["test_error"] < 0.10
+
+
+def test_tensorboard_event_files(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional dependency")
+    run = train(digits_opts(tmp_path, epoch=1, tensorboard=True))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
