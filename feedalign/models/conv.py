@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from feedalign.models.mlp import dense_head
+
 CHANNELS = (96, 128, 256)
 CONV_DROPOUT = (0.25, 0.25, 0.5)
 HIDDEN = 2048
@@ -56,16 +58,7 @@ def conv(
         if min(h, w) < 1:
             raise ValueError(f"conv: input {tuple(input_shape)} is too small for three 3/2 poolings")
     layers.append(nn.Flatten())
-    width = c * h * w
-    for _ in range(2):
-        layers.append(nn.Linear(width, HIDDEN, bias=bias))
-        if batchnorm == 1:
-            layers.append(nn.BatchNorm1d(HIDDEN, eps=1e-3))
-        layers.append(nonlin())
-        if dropout == 1:
-            layers.append(nn.Dropout(0.5))
-        width = HIDDEN
-    layers.append(nn.Linear(width, n_classes, bias=bias))
-    if log_softmax:
-        layers.append(nn.LogSoftmax(dim=1))
+    layers += dense_head(c * h * w, n_classes, nonlin=nonlin, num_layers=2, num_hidden=HIDDEN,
+                         dropout=dropout == 1, batchnorm=batchnorm == 1, bias=bias, log_softmax=log_softmax,
+                         bn_eps=1e-3)  # fmt: skip
     return nn.Sequential(*layers)

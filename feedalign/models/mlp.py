@@ -13,31 +13,42 @@ import math
 from torch import nn
 
 
-def mlp(
-    input_shape,
-    n_classes,
+def dense_head(
+    width: int,
+    n_classes: int,
     *,
     nonlin,
-    num_layers=2,
-    num_hidden=800,
-    dropout=0,
-    batchnorm=0,
-    bias=True,
-    log_softmax=False,
-) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    if dropout >= 1:
-        layers.append(nn.Dropout(0.1))
-    width = math.prod(input_shape)
+    num_layers: int,
+    num_hidden: int,
+    dropout: bool,
+    batchnorm: bool,
+    bias: bool,
+    log_softmax: bool,
+    bn_eps: float = 1e-5,
+) -> list[nn.Module]:
+    """num_layers × (Linear -> [BN] -> nonlin -> [Dropout(0.5)]), then the output Linear
+    -> [LogSoftmax]: the mlp's body and the conv net's fully connected part."""
+    layers: list[nn.Module] = []
     for _ in range(num_layers):
         layers.append(nn.Linear(width, num_hidden, bias=bias))
-        if batchnorm == 1:
-            layers.append(nn.BatchNorm1d(num_hidden))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(num_hidden, eps=bn_eps))
         layers.append(nonlin())
-        if dropout == 1:
+        if dropout:
             layers.append(nn.Dropout(0.5))
         width = num_hidden
     layers.append(nn.Linear(width, n_classes, bias=bias))
     if log_softmax:
         layers.append(nn.LogSoftmax(dim=1))
+    return layers
+
+
+def mlp(input_shape, n_classes, *, nonlin, num_layers=2, num_hidden=800, dropout=0, batchnorm=0, bias=True,
+        log_softmax=False) -> nn.Sequential:  # fmt: skip
+    layers: list[nn.Module] = [nn.Flatten()]
+    if dropout >= 1:
+        layers.append(nn.Dropout(0.1))
+    layers += dense_head(math.prod(input_shape), n_classes, nonlin=nonlin, num_layers=num_layers,
+                         num_hidden=num_hidden, dropout=dropout == 1, batchnorm=batchnorm == 1, bias=bias,
+                         log_softmax=log_softmax)  # fmt: skip
     return nn.Sequential(*layers)
