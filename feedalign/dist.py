@@ -69,6 +69,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+class FeedbackMismatch(RuntimeError):
+    """Ranks built different feedback matrices (different seeds)."""
+
+
 def feedback_checksum(buffers: list[Tensor]) -> Tensor:
     """Float64 sums of each feedback matrix and of its squares: equal seeds, equal sums."""
     if not buffers:
@@ -88,7 +92,7 @@ def check_same_feedback(rt: Runtime, buffers: list[Tensor]) -> None:
     differs = torch.tensor([0.0 if torch.allclose(mine, ref, rtol=0, atol=0) else 1.0], device=rt.device)
     dist.all_reduce(differs)
     if differs.item() > 0:
-        raise RuntimeError(
+        raise FeedbackMismatch(
             f"feedback matrices differ between ranks ({int(differs.item())} of {rt.world_size} differ "
             f"from rank 0; rank {rt.rank} checksum {mine.tolist()} vs {ref.tolist()}): every rank must "
             "build the model with the same -seed"

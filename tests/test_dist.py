@@ -62,8 +62,12 @@ def _steps(rank, world, port, criterion, rule, batch, k, out, seed_offset=0):
 
 
 def _single(criterion, rule, batch, k, out):
-    os.environ.pop("WORLD_SIZE", None)
-    _steps(0, 1, 0, criterion, rule, batch, k, out)
+    saved = dict(os.environ)
+    try:
+        _steps(0, 1, 0, criterion, rule, batch, k, out)
+    finally:  # leave no WORLD_SIZE / RANK behind for the other tests
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.mark.parametrize("criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp")])
@@ -83,7 +87,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, cr
 def test_feedback_mismatch_between_ranks_is_caught(tmp_path):
     out = tmp_path / "x.pt"
     mp.spawn(_steps, args=(2, _free_port(), "bce", "dfa", 16, 1, str(out), 1), nprocs=2)
-    errors = [Path(f"{out}.rank{r}.err").read_text() for r in (0, 1)]
+    errors = [Path(f"{out}.rank{r}.err").read_text() for r in (0, 1)]  # FeedbackMismatch, a RuntimeError
     assert all("feedback matrices differ between ranks" in e and "-seed" in e for e in errors)
     assert not out.exists()
 
@@ -119,6 +123,13 @@ def test_only_rank_zero_writes_and_a_distributed_run_resumes(tmp_path):
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+    # one process may not resume a 2-process run: its shards and partial sums are per rank
+    from feedalign.train.config import OptionError
+    from feedalign.train.session import train
+
+    opts = Options.from_dict(json.loads((tmp_path / "run" / "options.json").read_text()) | {"epoch": 3})
+    with pytest.raises(OptionError, match=r"trained by 2 process\(es\), not 1.*torchrun --nproc-per-node 2"):
+        train(opts, resume=tmp_path / "run")
 
 
 def test_batch_loop_reads_the_host_only_at_sync_points(monkeypatch):
@@ -180,6 +191,6 @@ def test_original_ngpu_option_launches_torchrun(tmp_path):
            "-threads", "1", "-seed", "2", "-save", str(run), "--quiet"]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "torchrun --nproc-per-node 2 -m feedalign train" in res.stdout + res.stderr
+    assert "torchrun --standalone --nproc-per-node 2 -m feedalign train" in res.stdout + res.stderr
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert (run / "finished.json").exists()

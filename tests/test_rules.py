@@ -316,3 +316,15 @@ def test_dfa_projects_every_tap_from_one_product():
     torch.testing.assert_close(y.grad, e)
     torch.testing.assert_close(taps[0].grad, e @ B[:, :3])
     torch.testing.assert_close(taps[1].grad, (e @ B[:, 3:]).view(4, 2, 2))
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_rules_run_under_bf16_autocast(rule):
+    """--amp bf16: the backward products run in the gradient's dtype, parameters keep float32."""
+    model = feedalign.build_model("conv", (3, 16, 16), 4, gradient=rule, nonlin="relu", seed=0).float()
+    x, t = torch.randn(4, 3, 16, 16, dtype=torch.float32), torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    feedalign.BCE()(out.float(), t).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name

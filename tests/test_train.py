@@ -19,7 +19,7 @@ from torch import nn
 import feedalign
 from feedalign.cli import build_parser
 from feedalign.train.cli import options_from_args
-from feedalign.train.config import Options
+from feedalign.train.config import OptionError, Options
 from feedalign.train.loop import Diverged, Step
 from feedalign.train.optim import Schedule, max_norm_
 from feedalign.train.session import Interrupted, evaluate_run, train
@@ -306,7 +306,7 @@ def test_nan_stops_with_epoch_and_batch_and_keeps_last_good_checkpoint(tmp_path,
             return super().forward(logits, target)
 
     monkeypatch.setattr(session, "make_criterion", lambda name: Poisoned())
-    with pytest.raises(Diverged, match=r"nan at batch \d+ of epoch 2.*last good checkpoint"):
+    with pytest.raises(Diverged, match=r"nan at batch \d+ of epoch 2.*last good checkpoint is kept"):
         train(digits_opts(tmp_path))
     run = tmp_path / "run"
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
@@ -365,3 +365,30 @@ def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard", reason="tensorboard is an optional dependency")
     run = train(digits_opts(tmp_path, epoch=1, tensorboard=True))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    "kw,expect",
+    [
+        (dict(network="conv"), "at least 15×15"),
+        (dict(load="/nonexistent/weights.pt"), "no such file"),
+    ],
+)
+def test_impossible_combinations_are_refused_before_loading(tmp_path, kw, expect):
+    with pytest.raises(OptionError, match=expect):
+        train(digits_opts(tmp_path, **kw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path):
+    train(digits_opts(tmp_path, epoch=1))
+    with pytest.raises(OptionError, match="already holds a run; continue it with --resume"):
+        train(digits_opts(tmp_path, epoch=1))
+
+
+def test_batchnorm_with_a_one_sample_last_batch_and_bias_zero(tmp_path):
+    # 1497 digits, batch 4: the last batch would hold one sample
+    run = train(digits_opts(tmp_path, epoch=1, batchnorm=1, batchSize=4, bias=0))
+    weights = _weights(run)
+    bn_biases = [k for k in weights if k.endswith("bias")]
+    assert bn_biases and all(weights[k].abs().sum() == 0 for k in bn_biases)  # BatchNorm β held at 0 too

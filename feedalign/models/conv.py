@@ -25,7 +25,7 @@ CONV_DROPOUT = (0.25, 0.25, 0.5)
 HIDDEN = 2048
 
 
-def _pooled(size: int) -> int:
+def pooled_size(size: int) -> int:
     return (size - 3) // 2 + 1  # MaxPool(3, stride 2), floor mode; conv keeps the size
 
 
@@ -54,7 +54,7 @@ def conv(
         if dropout == 1 or (dropout == 2 and i < 2):
             layers.append(nn.Dropout(p))
         layers.append(nn.MaxPool2d(3, stride=2))
-        c, h, w = out_c, _pooled(h), _pooled(w)
+        c, h, w = out_c, pooled_size(h), pooled_size(w)
         if min(h, w) < 1:
             raise ValueError(f"conv: input {tuple(input_shape)} is too small for three 3/2 poolings")
     layers.append(nn.Flatten())

@@ -59,10 +59,12 @@ def augment(x: torch.Tensor, generator: torch.Generator, *, max_shrink: int = MA
     """A randomly cropped, flipped and rescaled copy of x (N, C, H, W), float.
 
     `generator` must live on x's device; the draws depend only on its state.
-    s is capped at min(H, W) - 1 so that tiny images (digits, 8x8) keep a crop.
+    SPEC §5 shrinks a 32×32 image by s ≤ 8 pixels (at most a quarter); other sizes
+    keep that proportion: s ≤ round(max_shrink · min(H, W) / 32), at least 1 pixel
+    short of the whole image (MNIST 28×28: 7; digits 8×8: 2; STL-10 96×96: 24).
     """
     n, _, h, w = x.shape
-    s_max = min(max_shrink, min(h, w) - 1)
+    s_max = min(round(max_shrink * min(h, w) / 32), min(h, w) - 1)
     opts = {"generator": generator, "device": x.device}
     shrink = torch.randint(0, s_max + 1, (n,), **opts)
     # offsets uniform in 0..s: floor(u (s + 1)) with u in [0, 1) never exceeds s

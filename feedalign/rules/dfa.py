@@ -39,7 +39,7 @@ class DFAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, e: Tensor):
         (feedback,) = ctx.saved_tensors  # (n_out, Σ n_i)
-        projected = e @ feedback  # (N, n_out) @ (n_out, Σ n_i) -> (N, Σ n_i)
+        projected = e @ feedback.to(e.dtype)  # (N, n_out) @ (n_out, Σ n_i) -> (N, Σ n_i)
         sizes = [s[1:].numel() for s in ctx.shapes]
         grads = [p.reshape(s) for p, s in zip(projected.split(sizes, dim=1), ctx.shapes)]
         return (e, None, *grads)

@@ -32,12 +32,13 @@ class FALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, feedback = ctx.saved_tensors
+        dt = grad_out.dtype  # under autocast (bf16) the products run in the gradient's dtype
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ feedback  # (*, out) @ (out, in) -> (*, in)
+            grad_x = grad_out @ feedback.to(dt)  # (*, out) @ (out, in) -> (*, in)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), leading dims folded
         if ctx.needs_input_grad[1]:
-            grad_w = g2.t() @ x.reshape(-1, x.shape[-1])  # (out, N) @ (N, in)
+            grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)  # (out, N) @ (N, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, None
@@ -57,6 +58,8 @@ class FAConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, weight, feedback = ctx.saved_tensors
+        dt = grad_out.dtype  # under autocast (bf16) the products run in the gradient's dtype
+        x, weight, feedback = x.to(dt), weight.to(dt), feedback.to(dt)
         stride, padding, dilation, groups = ctx.conf
         conv_backward = torch.ops.aten.convolution_backward
         common = (stride, padding, dilation, False, [0, 0], groups)

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from feedalign.train.config import OptionError
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -32,7 +34,7 @@ def load(path: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path}") from None
     except Exception as err:  # corrupt or foreign file: say which and why
-        raise ValueError(f"{path} is not a readable feedalign checkpoint: {err}") from err
+        raise OptionError(f"{path} is not a readable feedalign checkpoint: {err}") from err
 
 
 def rng_state(device: torch.device) -> dict:
@@ -54,14 +56,14 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     obj = load(Path(path))
     state = obj.get("model", obj) if isinstance(obj, dict) else obj
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds no state_dict (found {type(state).__name__})")
+        raise OptionError(f"{path} holds no state_dict (found {type(state).__name__})")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own.keys() & state.keys() if state[k].shape != own[k].shape]  # fmt: skip
     if missing or unexpected or shapes:
-        raise ValueError(
+        raise OptionError(
             f"{path} holds weights of a different network (check -network, -num_layers, "
             f"-num_hidden, -gradient, -dataset): missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, shape mismatches {shapes[:5]}"

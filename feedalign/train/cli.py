@@ -18,10 +18,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from feedalign.train.config import Options
+from feedalign.train.config import OptionError, Options
 
 log = logging.getLogger("feedalign")
-RESUME_MAY_CHANGE = {"epoch", "quiet", "threads", "type", "devid"}
+# the device type may not change: a mid-epoch checkpoint continues the epoch's
+# shuffle, which is drawn on the run's device
+RESUME_MAY_CHANGE = {"epoch", "quiet", "threads", "devid"}
 
 
 def kebab(name: str) -> str:
@@ -81,30 +83,30 @@ def options_from_args(args: argparse.Namespace) -> Options:
         return Options(**given)
     path = Path(args.resume) / "options.json"
     if not path.exists():
-        raise ValueError(f"--resume {args.resume}: no options.json there; is it a feedalign run directory?")
+        raise OptionError(f"--resume {args.resume}: no options.json there; is it a feedalign run directory?")
     if not (Path(args.resume) / "checkpoint.pt").exists():
-        raise ValueError(f"--resume {args.resume}: no checkpoint.pt yet; start the run again instead")
+        raise OptionError(f"--resume {args.resume}: no checkpoint.pt yet; start the run again instead")
     refused = sorted(set(given) - RESUME_MAY_CHANGE)
     if refused:
-        raise ValueError(f"--resume keeps the run's options; only {', '.join(sorted(RESUME_MAY_CHANGE))} "
+        raise OptionError(f"--resume keeps the run's options; only {', '.join(sorted(RESUME_MAY_CHANGE))} "
                          f"may change, not {', '.join(refused)}")  # fmt: skip
     return Options.from_dict(json.loads(path.read_text()) | given)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from feedalign.data import DatasetError
+    from feedalign.dist import FeedbackMismatch
     from feedalign.train.loop import Diverged
     from feedalign.train.session import Interrupted, train
 
     try:
         opts = options_from_args(args)
-        if opts.nGPU > 1 and "WORLD_SIZE" not in os.environ:
+        launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if opts.nGPU > 1 and not launched:
             return _launch_torchrun(opts.nGPU)
         train(opts, resume=args.resume)
-    except ValueError as err:
-        log.error(f"error: {err}")
-        return 2
-    except FileNotFoundError as err:
-        log.error(f"error: {err}")
+    except (OptionError, DatasetError, FileNotFoundError, FeedbackMismatch) as err:
+        log.error(f"error: {err}")  # the user's input: a message, no traceback
         return 2
     except Interrupted as err:
         log.error(str(err))
@@ -120,24 +122,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _launch_torchrun(n: int) -> int:
-    """The original's -nGPU N: N data-parallel processes through torchrun, one GPU each."""
-    argv = [a for a in sys.argv[1:]]
-    for flag in ("-nGPU", "--nGPU", "--n-gpu"):
-        while flag in argv:
-            i = argv.index(flag)
-            del argv[i : i + 2]
-    argv = [a for a in argv if not re.match(r"^--?(nGPU|n-gpu)=", a)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(n),
-        "-m",
-        "feedalign",
-        *argv,
-    ]
-    log.info("running: " + " ".join(["torchrun", "--nproc-per-node", str(n), "-m", "feedalign", *argv]))
+    """The original's -nGPU N: N data-parallel processes through torchrun, one GPU each.
+    The command line is passed on whole: -nGPU stays in options.json, so a plain
+    `feedalign train --resume DIR` of such a run launches torchrun again."""
+    argv = sys.argv[1:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
+    cmd += ["-m", "feedalign", *argv]
+    log.info("running: " + " ".join(["torchrun", *cmd[3:]]))
     if shutil.which(sys.executable) is None:
         return 2
     os.execv(sys.executable, cmd)
@@ -149,7 +140,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     try:
         error, loss = evaluate_run(args.run_dir, split=args.split, datapath=args.datapath)
-    except (ValueError, FileNotFoundError) as err:
+    except (OptionError, ValueError, FileNotFoundError) as err:
         log.error(f"error: {err}")
         return 2
     print(f"{args.run_dir}: {args.split} error {100 * error:.2f}%  loss {loss:.4g}")

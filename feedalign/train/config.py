@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,10 @@ FORMATS = ("rgb", "yuv")
 TYPES = ("float", "cuda")
 AMP = ("none", "bf16")
 DATASETS = ("MNIST", "FashionMNIST", "Cifar10", "Cifar100", "SVHN", "STL10", "digits")
+
+
+class OptionError(ValueError):
+    """An option value (or option file) that cannot work; the message lists what is allowed."""
 
 
 def _default_type() -> str:
@@ -40,13 +45,17 @@ class Options:
     modelsFolder: str = opt("./Models/", "folder searched for <network>.py model files")
     network: str = opt("mlp", "network: mlp | conv (also mlp.lua, conv.lua) | a file in modelsFolder")
     criterion: str = opt("bce", "loss: bce (binary cross-entropy) | ce (cross-entropy)")
-    dropout: int = opt(0, "dropout: 0 off, 1 on (conv: 2 = convolutional dropout only)")
-    batchnorm: int = opt(0, "batch normalization: 0 off, 1 on (conv: 2 = second conv only)")
+    dropout: int = opt(0, "dropout: 0 off, 1 on; 2 = mlp: input dropout only, conv: conv-layer dropout only")
+    batchnorm: int = opt(0, "batch normalization: 0 off, 1 on; 2 = conv: second conv only (mlp: none)")
     nonlin: str = opt("tanh", "nonlinearity: tanh | sigm | relu")
     num_layers: int = opt(2, "hidden layers of mlp (count)")
     num_hidden: int = opt(800, "units per hidden layer of mlp (count)")
     bias: int = opt(1, "1 = use biases, 0 = biases fixed at zero")
-    rfb_mag: float = opt(0.0, "random feedback magnitude X: 0 = U[±1/sqrt(fan)], X > 0 = U[-X, X]")
+    rfb_mag: float = opt(
+        0.0,
+        "feedback magnitude X: 0 = SPEC §1 (fa: copy of the initial W; dfa: "
+        "U[±1/sqrt(n_i)], n_i = tap size), X > 0: U[-X, X]",
+    )
     gradient: str = opt("dfa", "learning rule: bp | fa | dfa")
     # --- optimisation (SPEC §4) ---
     eps: float = opt(0.0, "adversarial (fast gradient sign) step, in preprocessed input units; 0 off")
@@ -77,7 +86,7 @@ class Options:
         metadata={"help": "float (CPU) | cuda (GPU); default cuda if a GPU is present"},
     )
     devid: int = opt(1, "GPU id, 1-based as the original")
-    nGPU: int = opt(1, "GPUs for data parallelism (runs torchrun; see --nproc)")
+    nGPU: int = opt(1, "processes (GPUs) for data parallelism: N > 1 launches torchrun")
     load: str = opt("none", "file with network weights to start from (none = fresh)")
     save: str = opt("", "run directory (default: ./runs/<timestamp>)")
     visualize: int = opt(0, "1 = plot the error curves to errors.png")
@@ -99,12 +108,12 @@ class Options:
         }  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise OptionError(
                     f"-{name} {getattr(self, name)!r} is not allowed; choose one of {', '.join(allowed)}"
                 )
         ds = {d.lower(): d for d in DATASETS}
         if self.dataset.lower() not in ds:
-            raise ValueError(f"-dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+            raise OptionError(f"-dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
         self.dataset = ds[self.dataset.lower()]
         ranges = [
             ("LR", self.LR > 0, "> 0"), ("batchSize", self.batchSize >= 1, ">= 1"),
@@ -124,22 +133,43 @@ class Options:
         ]  # fmt: skip
         for name, ok, allowed in ranges:
             if not ok:
-                raise ValueError(f"-{name} {getattr(self, name)!r} is not allowed; it must be {allowed}")
-        from feedalign.models import find_network
-
-        find_network(self.network, self.modelsFolder)  # unknown network: error listing the valid ones
+                raise OptionError(f"-{name} {getattr(self, name)!r} is not allowed; it must be {allowed}")
+        self._check_files_and_shapes()
         if self.type == "cuda":
             if not torch.cuda.is_available():
-                raise ValueError("-type cuda needs a GPU, and none is available; use -type float")
+                raise OptionError("-type cuda needs a GPU, and none is available; use -type float")
             if self.devid > torch.cuda.device_count():
-                raise ValueError(
+                raise OptionError(
                     f"-devid {self.devid}: only {torch.cuda.device_count()} GPU(s) present (1-based)"
                 )
+        if self.type == "cuda" and self.nGPU > torch.cuda.device_count():
+            raise OptionError(f"-nGPU {self.nGPU}: only {torch.cuda.device_count()} GPU(s) present")
         if self.amp != "none" and self.type != "cuda":
-            raise ValueError("--amp bf16 needs -type cuda")
+            raise OptionError("--amp bf16 needs -type cuda")
         if self.error_at != "logits" and self.gradient != "dfa":
-            raise ValueError("-error_at output only applies to -gradient dfa")
+            raise OptionError("-error_at output only applies to -gradient dfa")
         return self
+
+    def _check_files_and_shapes(self) -> None:
+        """The network exists, fits the dataset's images, and -load names a file."""
+        from feedalign.data import get_dataset
+        from feedalign.models import find_network
+        from feedalign.models.conv import pooled_size
+
+        try:
+            find_network(self.network, self.modelsFolder)
+        except ValueError as err:
+            raise OptionError(str(err)) from None
+        if self.network.removesuffix(".lua") == "conv":
+            shape = get_dataset(self.dataset).shape
+            h = shape[-1]
+            for _ in range(3):
+                h = pooled_size(h)
+            if h < 1:
+                raise OptionError(f"-network conv needs images of at least 15×15 (three 3/2 poolings), "
+                                  f"{self.dataset} has {shape}: use -network mlp")  # fmt: skip
+        if self.load != "none" and not Path(self.load).is_file():
+            raise OptionError(f"-load {self.load}: no such file")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,5 +179,5 @@ class Options:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown options {unknown}")
+            raise OptionError(f"unknown options {unknown}")
         return cls(**d)

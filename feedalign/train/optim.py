@@ -119,7 +119,8 @@ def max_norm_(model: nn.Module, max_out: float, max_in: float) -> None:
 
 @torch.no_grad()
 def zero_biases_(model: nn.Module) -> None:
-    """`-bias 0`: biases of Linear / Conv layers held at zero after every step."""
+    """`-bias 0`: every module's `bias` parameter (Linear, Conv, BatchNorm's β) is set
+    to zero after every step, SPEC §4's "all biases"."""
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+        if isinstance(getattr(m, "bias", None), nn.Parameter):
             m.bias.zero_()

@@ -25,7 +25,7 @@ from feedalign import dist
 from feedalign.losses import make_criterion
 from feedalign.models import build_model, feedback
 from feedalign.train import checkpoint as ckpt
-from feedalign.train.config import Options
+from feedalign.train.config import OptionError, Options
 from feedalign.train.loop import Diverged, EpochState, Step, StopFlag, evaluate, train_epoch
 from feedalign.train.optim import Schedule, Stepper
 from feedalign.train.runlog import RunLog, default_run_dir, environment, write_json
@@ -84,7 +84,7 @@ def resolve(opts: Options) -> Options:
         try:
             import torch.utils.tensorboard  # noqa: F401
         except ImportError as err:
-            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+            raise OptionError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
     return opts
 
 
@@ -92,7 +92,7 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     """Train as SPEC §4 and return the run directory.
 
     resume: a run directory to continue (its options.json is used; `opts` may only
-        change epoch, quiet, threads, type, devid — the CLI enforces it).
+        change epoch, quiet, threads, devid — the CLI enforces it).
     stop_at: (epoch, batch) — behave as if Ctrl-C came after that batch (tests).
     Raises Interrupted (checkpoint written) or Diverged (last good checkpoint kept).
     """
@@ -103,6 +103,16 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
         logging.getLogger("feedalign").setLevel(logging.WARNING)
     run_dir = Path(resume) if resume else Path(opts.save) if opts.save else default_run_dir()
     saved = ckpt.load(run_dir / ckpt.CHECKPOINT) if resume else None
+    if saved is None and (run_dir / ckpt.CHECKPOINT).exists():
+        raise OptionError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                          "or choose another -save directory")  # fmt: skip
+    if saved is not None and saved.get("world_size", 1) != rt.world_size:
+        n = saved.get("world_size", 1)
+        how = f"torchrun --nproc-per-node {n} -m feedalign train" if n > 1 else "feedalign train"
+        raise OptionError(
+            f"{run_dir} was trained by {n} process(es), not {rt.world_size}: its shuffle "
+            f"shards and checkpoint are per process. Resume it with: {how} --resume {run_dir}"
+        )
     if rt.is_main:
         data = load_data(opts, rt.device)  # rank 0 first: it fits and caches the preprocessing
     rt.barrier()
@@ -129,8 +139,13 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
         schedule.load_state_dict(saved["schedule"])
         first_epoch = saved["epoch"] + 1
         state = EpochState(**saved["epoch_state"])
-        if state.wrong is not None:
-            state.wrong, state.loss_sum = state.wrong.to(rt.device), state.loss_sum.to(rt.device)
+        if state.wrong is not None:  # the epoch's partial sums (over all ranks) restart on rank 0
+            keep = 1.0 if rt.is_main else 0.0
+            state.wrong, state.loss_sum = (
+                state.wrong.to(rt.device) * keep,
+                state.loss_sum.to(rt.device) * keep,
+            )
+            state.seen = state.seen if rt.is_main else 0
         ckpt.set_rng_state(saved["rng"][rt.rank] if rt.distributed else saved["rng"][0], rt.device)
         log.info(f"resuming {run_dir} at epoch {first_epoch}, batch {state.batch}")
     else:
@@ -141,8 +156,13 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
                 amp=torch.bfloat16 if opts.amp == "bf16" else None)  # fmt: skip
     from feedalign.data import EpochLoader
 
+    per_rank = -(-len(data.train_x) // rt.world_size)
+    lone = opts.batchnorm > 0 and per_rank % opts.batchSize == 1  # BatchNorm cannot normalise 1 sample
+    if lone and rt.is_main:
+        log.warning("the last batch of each epoch would hold a single sample, which BatchNorm cannot "
+                    "normalise: it is left out")  # fmt: skip
     loader = EpochLoader(data.train_x, data.train_y, opts.batchSize, seed=opts.seed, augment=opts.augment,
-                         rank=rt.rank, world_size=rt.world_size)  # fmt: skip
+                         rank=rt.rank, world_size=rt.world_size, drop_last=lone)  # fmt: skip
     test_x, test_y = data.test_x[rt.rank :: rt.world_size], data.test_y[rt.rank :: rt.world_size]
     runlog = RunLog(run_dir, resume_epoch=first_epoch - 1, visualize=opts.visualize == 1,
                     tensorboard=opts.tensorboard) if rt.is_main else None  # fmt: skip
@@ -158,12 +178,17 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
         if rt.distributed:  # every rank's RNG, so that each resumes its own dropout stream
             rngs = [None] * rt.world_size
             torch.distributed.all_gather_object(rngs, ckpt.rng_state(rt.device))
+        st_dict = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in st.to_dict().items()}
+        if rt.distributed and st.wrong is not None:  # a partial epoch: keep the sums over all ranks
+            wrong, loss_sum, seen = _epoch_totals(st, rt)
+            st_dict |= {"wrong": torch.tensor(wrong, dtype=torch.float32), "seen": int(seen),
+                        "loss_sum": torch.tensor(loss_sum, dtype=torch.float32)}  # fmt: skip
         if not rt.is_main:
             return
-        st_dict = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in st.to_dict().items()}
         ckpt.save_atomic({"model": model.state_dict(), "stepper": stepper.state_dict(),
                           "schedule": schedule.state_dict(), "epoch": epoch, "epoch_state": st_dict,
-                          "rng": rngs, "options": opts.to_dict()}, run_dir / ckpt.CHECKPOINT)  # fmt: skip
+                          "rng": rngs, "world_size": rt.world_size, "options": opts.to_dict()},
+                         run_dir / ckpt.CHECKPOINT)  # fmt: skip
 
     on_batch = _alignment_hook(opts, model, criterion, stepper, stop_at, rt)
     epoch = first_epoch
@@ -176,10 +201,11 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
                 state = train_epoch(step, loader, state, stop=stop, progress=progress, reduce=reduce,
                                     on_batch=on_batch(epoch, state, stop), desc=f"epoch {epoch}")  # fmt: skip
             except Diverged as err:
-                raise Diverged(
-                    f"{err} of epoch {epoch}; stopped. The last good checkpoint is kept: "
-                    f"{run_dir / ckpt.CHECKPOINT} (after epoch {epoch - 1}, or where Ctrl-C left it)"
-                ) from None
+                path = run_dir / ckpt.CHECKPOINT
+                kept = "no checkpoint had been written yet"
+                if path.exists():
+                    kept = f"the last good checkpoint is kept: {path} (after epoch {epoch - 1} or at Ctrl-C)"
+                raise Diverged(f"{err} of epoch {epoch}; stopped, {kept}") from None
             state.seconds += time.perf_counter() - t0
             if state.batch < len(loader):
                 save(epoch - 1, state)
@@ -264,7 +290,8 @@ def evaluate_run(
     if datapath is not None:
         opts.datapath = datapath
     opts.type = "cuda" if torch.cuda.is_available() and opts.type == "cuda" else "float"
-    device = torch.device("cuda" if opts.type == "cuda" else "cpu")
+    gpu = min(opts.devid, max(1, torch.cuda.device_count())) - 1
+    device = torch.device(f"cuda:{gpu}" if opts.type == "cuda" else "cpu")
     data = load_data(opts, device)
     model = make_model(opts, data, device)
     ckpt.load_weights(model, run_dir / ckpt.CHECKPOINT)
