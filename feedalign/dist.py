@@ -65,6 +65,7 @@ def setup(device_type: str, devid: int) -> Runtime:
 
 
 def teardown() -> None:
+    """Destroy the process group; call it once the DDP model is no longer referenced."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

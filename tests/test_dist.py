@@ -38,27 +38,32 @@ def _steps(rank, world, port, criterion, rule, batch, k, out, seed_offset=0):
     _env(rank, world, port)
     rt = dist.setup("float", 1)
     try:
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.randn(256, 10, generator=g), torch.randint(0, 4, (256,), generator=g)
-        model = feedalign.build_model("mlp", (10,), 4, gradient=rule, nonlin="relu", num_hidden=16,
-                                      criterion=criterion, seed=1 + seed_offset * rank)  # fmt: skip
-        crit = feedalign.make_criterion(criterion)
-        dist.check_same_feedback(rt, feedalign.feedback(model))
-        ddp = dist.wrap(model, rt, batch_reduction=getattr(crit, "batch_reduction", "mean"))
-        opts = Options(optimization="sgd", LR=0.05, type="float")
-        step = Step(ddp, crit, Stepper(model.parameters(), opts), Schedule(0.05, -1, 1))
-        loader = EpochLoader(x, y, batch, seed=3, rank=rt.rank, world_size=rt.world_size)
-        loader.set_epoch(1)
-        for i, (xb, yb) in enumerate(loader):
-            if i == k:
-                break
-            step(xb, yb)
-        if rt.is_main:
-            torch.save(model.state_dict(), out)
+        _train_k_steps(rt, criterion, rule, batch, k, out, seed_offset)
     except RuntimeError as err:
         Path(f"{out}.rank{rank}.err").write_text(str(err))
-    finally:
+    finally:  # the DDP model is gone by now: tearing the group down under it can abort the process
         dist.teardown()
+
+
+def _train_k_steps(rt, criterion, rule, batch, k, out, seed_offset):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 10, generator=g), torch.randint(0, 4, (256,), generator=g)
+    model = feedalign.build_model("mlp", (10,), 4, gradient=rule, nonlin="relu", num_hidden=16,
+                                  criterion=criterion, seed=1 + seed_offset * rt.rank)  # fmt: skip
+    crit = feedalign.make_criterion(criterion)
+    dist.check_same_feedback(rt, feedalign.feedback(model))
+    ddp = dist.wrap(model, rt, batch_reduction=getattr(crit, "batch_reduction", "mean"))
+    opts = Options(optimization="sgd", LR=0.05, type="float")
+    step = Step(ddp, crit, Stepper(model.parameters(), opts), Schedule(0.05, -1, 1))
+    loader = EpochLoader(x, y, batch, seed=3, rank=rt.rank, world_size=rt.world_size)
+    loader.set_epoch(1)
+    for i, (xb, yb) in enumerate(loader):
+        if i == k:
+            break
+        step(xb, yb)
+    rt.barrier()
+    if rt.is_main:
+        torch.save(model.state_dict(), out)
 
 
 def _single(criterion, rule, batch, k, out):
