@@ -51,6 +51,14 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_mlp3_grads(model, x, h1, h2, e, d1, d2):
+    """dW = δᵀ·input and db = Σ δ for the three layers of mlp3, δ = (d1, d2, e)."""
+    expect = {"4.weight": e.T @ h2, "4.bias": e.sum(0), "2.weight": d2.T @ h1, "2.bias": d2.sum(0),
+              "0.weight": d1.T @ x, "0.bias": d1.sum(0)}  # fmt: skip
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expect[name], msg=name)
+
+
 @pytest.mark.parametrize("nonlin", DERIV)
 def test_fa_mlp_matches_formula(nonlin):
     act, deriv = DERIV[nonlin]
@@ -66,16 +74,7 @@ def test_fa_mlp_matches_formula(nonlin):
     e = bce_error(h2 @ W3.T + model[4].bias, t)
     d2 = (e @ B3) * deriv(a2)  # B replaces W in the error path
     d1 = (d2 @ B2) * deriv(a1)
-    expect = {
-        "4.weight": e.T @ h2,
-        "4.bias": e.sum(0),
-        "2.weight": d2.T @ h1,
-        "2.bias": d2.sum(0),
-        "0.weight": d1.T @ x,
-        "0.bias": d1.sum(0),
-    }
-    for name, g in grads(model).items():
-        torch.testing.assert_close(g, expect[name], msg=name)
+    assert_mlp3_grads(model, x, h1, h2, e, d1, d2)
 
 
 @pytest.mark.parametrize("nonlin", DERIV)
@@ -93,16 +92,7 @@ def test_dfa_mlp_matches_formula(nonlin):
     h2 = act()(a2)
     e = bce_error(h2 @ W3.T + model[6].bias, t)
     d2, d1 = (e @ B2) * deriv(a2), (e @ B1) * deriv(a1)  # each tap from e directly
-    expect = {
-        "4.weight": e.T @ h2,
-        "4.bias": e.sum(0),
-        "2.weight": d2.T @ h1,
-        "2.bias": d2.sum(0),
-        "0.weight": d1.T @ x,
-        "0.bias": d1.sum(0),
-    }
-    for name, g in grads(model).items():
-        torch.testing.assert_close(g, expect[name], msg=name)
+    assert_mlp3_grads(model, x, h1, h2, e, d1, d2)
 
 
 def test_dfa_bounds_and_rfb_mag():
