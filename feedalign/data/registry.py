@@ -96,6 +96,13 @@ def _idx_remotes(base: str, md5s: Sequence[str]) -> tuple[Remote, ...]:
     return tuple(Remote(base + n, md5=m, provides=n) for n, m in zip(names, md5s, strict=True))
 
 
+def _idx_dataset(name: str, base: str, classes: tuple[str, ...], md5s: Sequence[str]) -> DatasetInfo:
+    """MNIST and Fashion-MNIST: the same four idx files, 28×28 grey, 60k / 10k."""
+    return DatasetInfo(name=name, folder=name, reader=formats.read_idx_split, splits=_idx_splits(),
+                       shape=(1, 28, 28), classes=classes, sizes={"train": 60_000, "test": 10_000},
+                       remotes=_idx_remotes(base, md5s))  # fmt: skip
+
+
 # MNIST's original home, http://yann.lecun.com/exdb/mnist/, no longer serves the files;
 # the byte-identical mirror below is the one torchvision uses.
 MNIST_BASE = "https://ossci-datasets.s3.amazonaws.com/mnist/"
@@ -105,42 +112,28 @@ SVHN_BASE = "http://ufldl.stanford.edu/housenumbers/"
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
-        DatasetInfo(
-            name="MNIST",
-            folder="MNIST",
-            reader=formats.read_idx_split,
-            splits=_idx_splits(),
-            shape=(1, 28, 28),
-            classes=DIGIT_NAMES,
-            sizes={"train": 60_000, "test": 10_000},
-            remotes=_idx_remotes(
-                MNIST_BASE,
-                (
-                    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                    "d53e105ee54ea40749a09fcbcd1e9432",
-                    "9fb629c4189551a2d022fa330f9573f3",
-                    "ec29112dd5afa0611ce80d1b7f02629c",
-                ),
-            ),  # fmt: skip
-        ),
-        DatasetInfo(
-            name="FashionMNIST",
-            folder="FashionMNIST",
-            reader=formats.read_idx_split,
-            splits=_idx_splits(),
-            shape=(1, 28, 28),
-            classes=FASHION_NAMES,
-            sizes={"train": 60_000, "test": 10_000},
-            remotes=_idx_remotes(
-                FASHION_BASE,
-                (
-                    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                    "25c81989df183df01b3e8a0aad5dffbe",
-                    "bef4ecab320f06d8554ea6380940ec79",
-                    "bb300cfdad3c16e7a12a480ee83cd310",
-                ),
-            ),  # fmt: skip
-        ),
+        _idx_dataset(
+            "MNIST",
+            MNIST_BASE,
+            DIGIT_NAMES,
+            (
+                "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "d53e105ee54ea40749a09fcbcd1e9432",
+                "9fb629c4189551a2d022fa330f9573f3",
+                "ec29112dd5afa0611ce80d1b7f02629c",
+            ),
+        ),  # fmt: skip
+        _idx_dataset(
+            "FashionMNIST",
+            FASHION_BASE,
+            FASHION_NAMES,
+            (
+                "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "25c81989df183df01b3e8a0aad5dffbe",
+                "bef4ecab320f06d8554ea6380940ec79",
+                "bb300cfdad3c16e7a12a480ee83cd310",
+            ),
+        ),  # fmt: skip
         DatasetInfo(
             name="Cifar10",
             folder="Cifar10",
