@@ -47,12 +47,16 @@ class Runtime:
             dist.barrier()
 
 
+def device_for(device_type: str, devid: int) -> torch.device:
+    """The device of a single process: -type float -> CPU, -type cuda -> GPU devid (1-based)."""
+    return torch.device(f"cuda:{devid - 1}") if device_type == "cuda" else torch.device("cpu")
+
+
 def setup(device_type: str, devid: int) -> Runtime:
     """The process's runtime: a single process, or one rank of a torchrun job."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        device = torch.device(f"cuda:{devid - 1}") if device_type == "cuda" else torch.device("cpu")
-        return Runtime(device)
+        return Runtime(device_for(device_type, devid))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         device = torch.device(f"cuda:{local}")  # one GPU per process; -devid is ignored

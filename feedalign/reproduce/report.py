@@ -24,6 +24,7 @@ from pathlib import Path
 
 from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, Row, find_row
 from feedalign.rules import RULES
+from feedalign.train.runlog import read_metrics
 
 log = logging.getLogger("feedalign")
 MARKERS = ("options.json", "metrics.jsonl", "checkpoint.pt", "runner.json")  # any makes a run directory
@@ -63,7 +64,7 @@ def read_run(
 ) -> RunResult:
     """Read one run directory; `row`/`rule`/`seed` default to what options.json says."""
     options = _json(run_dir / "options.json") or {}
-    records = _jsonl(run_dir / "metrics.jsonl")
+    records = read_metrics(run_dir)
     finished = _json(run_dir / "finished.json")
     runner = _json(run_dir / "runner.json") or {}
     rc = runner.get("returncode")
@@ -292,12 +293,6 @@ def write_report(root: Path, *, rows: list[Row] | None = None,
 
 def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _pct(x: float | None) -> float | None:

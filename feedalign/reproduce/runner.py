@@ -33,6 +33,7 @@ from pathlib import Path
 from feedalign.reproduce.experiments import Row
 from feedalign.train.cli import RESUME_MAY_CHANGE
 from feedalign.train.config import Options
+from feedalign.train.runlog import write_json
 
 log = logging.getLogger("feedalign")
 
@@ -259,6 +260,4 @@ def _stop(active: list[_Child], grace_s: float) -> None:
 
 
 def _write_runner_json(run_dir: Path, info: dict) -> None:
-    tmp = run_dir / f".{RUNNER_JSON}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, run_dir / RUNNER_JSON)
+    write_json(run_dir / RUNNER_JSON, info)

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -129,9 +128,7 @@ def _launch_torchrun(n: int) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
     cmd += ["-m", "feedalign", *argv]
     log.info("running: " + " ".join(["torchrun", *cmd[3:]]))
-    if shutil.which(sys.executable) is None:
-        return 2
-    os.execv(sys.executable, cmd)
+    os.execv(sys.executable, cmd)  # replaces this process
     return 0  # not reached
 
 

@@ -76,9 +76,7 @@ class RunLog:
     def _rewrite(self) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in self.records)
         (self.dir / METRICS).write_text(lines)
-        log = "Training Error\tTest Error\n" + "".join(
-            f"{r['train_error']:.6f}\t{r['test_error']:.6f}\n" for r in self.records
-        )
+        log = "Training Error\tTest Error\n" + "".join(map(_error_rate_line, self.records))
         (self.dir / "ErrorRate.log").write_text(log)
 
     def add(self, record: dict) -> None:
@@ -86,7 +84,7 @@ class RunLog:
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         with open(self.dir / "ErrorRate.log", "a") as f:
-            f.write(f"{record['train_error']:.6f}\t{record['test_error']:.6f}\n")
+            f.write(_error_rate_line(record))
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -99,6 +97,11 @@ class RunLog:
         write_json(self.dir / FINISHED, {"reason": reason, "epochs": len(self.records)})
         if self.tb is not None:
             self.tb.close()
+
+
+def _error_rate_line(record: dict) -> str:
+    """One row of the original's ErrorRate.log: training and test error, fractions."""
+    return f"{record['train_error']:.6f}\t{record['test_error']:.6f}\n"
 
 
 def plot_errors(records: list[dict], path: Path) -> None:

@@ -290,8 +290,7 @@ def evaluate_run(
     if datapath is not None:
         opts.datapath = datapath
     opts.type = "cuda" if torch.cuda.is_available() and opts.type == "cuda" else "float"
-    gpu = min(opts.devid, max(1, torch.cuda.device_count())) - 1
-    device = torch.device(f"cuda:{gpu}" if opts.type == "cuda" else "cpu")
+    device = dist.device_for(opts.type, min(opts.devid, max(1, torch.cuda.device_count())))
     data = load_data(opts, device)
     model = make_model(opts, data, device)
     ckpt.load_weights(model, run_dir / ckpt.CHECKPOINT)
