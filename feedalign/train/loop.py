@@ -87,6 +87,13 @@ class Step:
     def autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext()
 
+    def _forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, loss); under --amp the forward runs in bf16 and the loss in float32."""
+        with self.autocast(x.device):
+            out = self.model(x)
+            loss = self.criterion(out.float() if self.amp else out, y)
+        return out, loss
+
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One update; returns (logits, loss) of the clean forward pass."""
         if self.max_out < 400 or self.max_in < 400:
@@ -95,9 +102,7 @@ class Step:
         if self.eps > 0:
             out, loss = self._adversarial(x, y)
         else:
-            with self.autocast(x.device):
-                out = self.model(x)
-                loss = self.criterion(out.float(), y)
+            out, loss = self._forward(x, y)
             loss.backward()
         self.stepper.step(self.schedule.lr)
         if not self.bias:
@@ -109,16 +114,13 @@ class Step:
         the rule, giving dE/dx; its parameter gradients are kept only with accGradient;
         the rule's gradients on x + eps·sign(dE/dx) are added."""
         x = x.detach().requires_grad_(True)
-        with backprop(self.model), self.autocast(x.device):
-            out = self.model(x)
-            loss = self.criterion(out.float(), y)
+        with backprop(self.model):
+            out, loss = self._forward(x, y)
         loss.backward()
         if not self.acc_gradient:
             self.stepper.zero_grad()
         x_adv = (x + self.eps * x.grad.sign()).detach()  # no clipping, as the original
-        with self.autocast(x.device):
-            adv_loss = self.criterion(self.model(x_adv).float(), y)
-        adv_loss.backward()
+        self._forward(x_adv, y)[1].backward()
         return out, loss
 
 
@@ -194,7 +196,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor, *, ba
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
         with torch.autocast(x.device.type, dtype=amp) if amp else nullcontext():
-            out = model(xb).float()
+            out = model(xb)
+        out = out.float() if amp else out  # the loss in float32 (bf16 forward under --amp)
         wrong += (out.argmax(1) != yb).sum()
         loss_sum += criterion(out, yb).double() * len(yb)
     totals = torch.stack([wrong, loss_sum, torch.tensor(float(len(y)), device=x.device, dtype=torch.float64)])
