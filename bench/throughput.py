@@ -2,6 +2,8 @@
 autograd back-prop loop of the same network, measured in the same run.
 
     python bench/throughput.py                 # 2×800 and 4×800 tanh MLP, MNIST shape
+    python bench/throughput.py --compile all   # every variant with a torch.compile'd RMSprop step
+    python bench/throughput.py --compile feedalign  # feedalign's --compile_optimizer vs the plain loop
     python bench/throughput.py --layers 2 --rounds 9 --steps 300
 
 Each round times `--steps` training steps (forward, loss, backward, RMSprop
@@ -9,6 +11,10 @@ step) of every variant in turn, in a rotating order (interleaved in short
 blocks, so drifts in machine load hit all of them alike); the figures are the
 medians over rounds of samples per second and of the ratio to plain PyTorch BP
 in the same round, with the interquartile range of that ratio.
+
+The process keeps freed memory (`feedalign.train.memory.keep_freed_memory`, as
+`feedalign train` does on the CPU) unless `--malloc default`; it applies to every
+variant alike, plain PyTorch included.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import nn
 
 import feedalign
+from feedalign.train.memory import keep_freed_memory
 
 
 def plain_bp_model(layers: int, hidden: int, n_in: int = 784, n_out: int = 10) -> nn.Module:
@@ -34,15 +41,21 @@ def plain_bp_model(layers: int, hidden: int, n_in: int = 784, n_out: int = 10) -
     return nn.Sequential(*mods)
 
 
-def make_step(model: nn.Module, criterion: nn.Module, lr: float, optimizer_step: bool = True):
-    """A training step; without `optimizer_step` only forward + backward (the rule's own cost)."""
-    opt = torch.optim.RMSprop(model.parameters(), lr=lr, alpha=0.99, eps=1e-8)
+def make_step(
+    model: nn.Module, criterion: nn.Module, lr: float, optimizer_step: bool = True, compiled: bool = False
+):
+    """A training step; without `optimizer_step` only forward + backward (the rule's own cost).
+    `compiled`: the RMSprop step as one torch.compile'd kernel (LR in a tensor: no recompiles)."""
+    opt = torch.optim.RMSprop(
+        model.parameters(), lr=torch.tensor(lr) if compiled else lr, alpha=0.99, eps=1e-8
+    )
+    opt_step = torch.compile(opt.step) if compiled else opt.step
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         criterion(model(x), y).backward()
         if optimizer_step:
-            opt.step()
+            opt_step()
 
     return step
 
@@ -62,7 +75,10 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
     labels = torch.randint(0, 10, (n,))
     batches = list(zip(data.split(args.batch), labels.split(args.batch)))
     full = not args.no_step
-    steps = {"plain-bp": make_step(plain_bp_model(layers, args.hidden), PlainBCE(), args.lr, full)}
+    plain_compiled, ours_compiled = args.compile == "all", args.compile in ("all", "feedalign")
+    steps = {
+        "plain-bp": make_step(plain_bp_model(layers, args.hidden), PlainBCE(), args.lr, full, plain_compiled)
+    }
     for rule in ("bp", "fa", "dfa"):
         # the paper's init: with tanh, fa and dfa start from zero weights (--nonlin relu: random)
         model = feedalign.build_model(
@@ -75,7 +91,7 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
             num_hidden=args.hidden,
             seed=0,
         )
-        steps[rule] = make_step(model, feedalign.BCE(), args.lr, full)
+        steps[rule] = make_step(model, feedalign.BCE(), args.lr, full, ours_compiled)
     for step in steps.values():  # warm-up
         for x, y in batches[:20]:
             step(x, y)
@@ -107,12 +123,28 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate (default 1e-4)")
     p.add_argument("--no-step", action="store_true", help="time forward + backward only, no optimizer step")
+    p.add_argument(
+        "--compile",
+        choices=("none", "all", "feedalign"),
+        default="none",
+        help="torch.compile the RMSprop step: none (default), all (every variant, plain "
+        "included: the rules' own gain), feedalign (feedalign's variants only: "
+        "`feedalign train --compile_optimizer` against the plain loop)",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep freed memory in the process as the trainer does (default), or glibc's default",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    kept = args.malloc == "keep" and keep_freed_memory()
     print(
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
         f"{args.steps} steps × {args.rounds} rounds, {args.nonlin}, "
-        f"{'forward + backward only' if args.no_step else 'full training step (RMSprop)'}"
+        f"{'forward + backward only' if args.no_step else 'full training step (RMSprop)'}, "
+        f"optimizer compiled: {args.compile}, freed memory kept: {kept}"
     )
     print(f"{'network':<14}{'variant':<10}{'samples/s':>12}{'vs plain BP':>13}{'IQR':>16}")
     for layers in args.layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -392,3 +393,93 @@ def test_batchnorm_with_a_one_sample_last_batch_and_bias_zero(tmp_path):
     weights = _weights(run)
     bn_biases = [k for k in weights if k.endswith("bias")]
     assert bn_biases and all(weights[k].abs().sum() == 0 for k in bn_biases)  # BatchNorm β held at 0 too
+
+
+def _rmsprop_by_hand(w, grads, lrs):
+    """SPEC §4's RMSprop: m = 0.99·m + 0.01·g², w -= lr·g / (sqrt(m) + 1e-8), m_0 = 0."""
+    m = torch.zeros_like(w)
+    for g, lr in zip(grads, lrs):
+        m = 0.99 * m + 0.01 * g * g
+        w = w - lr * g / (m.sqrt() + 1e-8)
+    return w
+
+
+def test_compiled_optimizer_follows_the_update_rule_and_lr_changes_do_not_recompile():
+    import torch._dynamo
+
+    from feedalign.train.optim import Stepper
+
+    torch.manual_seed(0)
+    w0 = torch.randn(7, 5, dtype=torch.float64)
+    p = nn.Parameter(w0.clone())
+    stepper = Stepper([p], Options(compile_optimizer=True))
+    grads = [torch.randn(7, 5, dtype=torch.float64) for _ in range(4)]
+    lrs = [1e-2, 1e-2, 5e-3, 2.5e-3]  # the schedule halves the LR twice
+    for i, (g, lr) in enumerate(zip(grads, lrs)):
+        p.grad = g.clone()
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            stepper.step(lr)
+    torch.testing.assert_close(p.detach(), _rmsprop_by_hand(w0, grads, lrs), rtol=1e-12, atol=1e-12)
+    # its state (LR now a tensor) survives a weights_only round trip into an eager stepper
+    buf = io.BytesIO()
+    torch.save(stepper.state_dict(), buf)
+    buf.seek(0)
+    eager = Stepper([nn.Parameter(p.detach().clone())], Options())
+    eager.load_state_dict(torch.load(buf, weights_only=True))
+    assert eager.steps == 4
+
+
+def test_resuming_with_a_compiled_optimizer_continues_the_same_run(tmp_path):
+    ref = train(digits_opts(tmp_path / "a", epoch=2))
+    with pytest.raises(Interrupted):
+        train(digits_opts(tmp_path / "b", epoch=2), stop_at=(1, 10))
+    part = tmp_path / "b" / "run"
+    args = build_parser("train").parse_args(["train", "--resume", str(part), "--compile_optimizer"])
+    opts = options_from_args(args)
+    assert opts.compile_optimizer and opts.seed == 5
+    resumed = train(opts, resume=part)
+    a, b = _weights(ref), _weights(resumed)
+    for k in a:  # same update rule, last-bit rounding aside
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+    assert json.loads((part / "options.json").read_text())["compile_optimizer"] is True
+
+
+def test_compile_optimizer_without_a_compiler_is_refused(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(OptionError, match="needs a C.. compiler"):
+        Options(type="float", compile_optimizer=True).check()
+
+
+FAULTS = """
+import resource, sys, torch
+from torch import nn
+from feedalign.train.memory import keep_freed_memory
+torch.set_num_threads(1)
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+model = nn.Sequential(nn.Linear(784, 800), nn.Tanh(), nn.Linear(800, 800), nn.Tanh(), nn.Linear(800, 10))
+opt = torch.optim.RMSprop(model.parameters(), lr=1e-4)
+x, y = torch.rand(64, 784), torch.randint(0, 10, (64,))
+def step():
+    opt.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+for _ in range(5):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_keeping_freed_memory_removes_the_page_faults_of_each_step():
+    def faults(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    default, kept = faults("default"), faults("keep")
+    assert default > 100  # MBs of gradients and optimizer temporaries faulted in again every step
+    assert kept < 0.05 * default

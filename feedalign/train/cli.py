@@ -22,7 +22,7 @@ from feedalign.train.config import OptionError, Options
 log = logging.getLogger("feedalign")
 # the device type may not change: a mid-epoch checkpoint continues the epoch's
 # shuffle, which is drawn on the run's device
-RESUME_MAY_CHANGE = {"epoch", "quiet", "threads", "devid"}
+RESUME_MAY_CHANGE = {"epoch", "quiet", "threads", "devid", "compile_optimizer"}
 
 
 def kebab(name: str) -> str:

@@ -9,6 +9,8 @@ values before any data is loaded, listing what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,11 @@ DATASETS = ("MNIST", "FashionMNIST", "Cifar10", "Cifar100", "SVHN", "STL10", "di
 
 class OptionError(ValueError):
     """An option value (or option file) that cannot work; the message lists what is allowed."""
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend would use, if there is one."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
 
 
 def _default_type() -> str:
@@ -98,6 +105,8 @@ class Options:
     error_at: str = opt("logits", "dfa error: logits (dL/dy) | output (the original's under ce)")
     svhn_extra: bool = opt(True, "SVHN: train on train + extra (as the original)")
     amp: str = opt("none", "autocast on cuda: none | bf16")
+    compile_optimizer: bool = opt(False, "run the optimizer step as one torch.compile'd kernel (faster; "
+                                  "compiles for ~20 s on first use; needs a C++ compiler on the CPU)")
 
     def check(self) -> Options:
         """Refuse impossible values before any work starts (ValueError lists what is allowed)."""
@@ -146,6 +155,9 @@ class Options:
             raise OptionError(f"-nGPU {self.nGPU}: only {torch.cuda.device_count()} GPU(s) present")
         if self.amp != "none" and self.type != "cuda":
             raise OptionError("--amp bf16 needs -type cuda")
+        if self.compile_optimizer and self.type == "float" and not cxx_compiler():
+            raise OptionError("--compile_optimizer on the CPU needs a C++ compiler (g++ or clang++ on "
+                              "PATH, or $CXX) for torch.compile; install one or leave the option off")
         if self.error_at != "logits" and self.gradient != "dfa":
             raise OptionError("-error_at output only applies to -gradient dfa")
         return self

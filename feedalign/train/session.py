@@ -27,6 +27,7 @@ from feedalign.models import build_model, feedback
 from feedalign.train import checkpoint as ckpt
 from feedalign.train.config import OptionError, Options
 from feedalign.train.loop import Diverged, EpochState, Step, StopFlag, evaluate, train_epoch
+from feedalign.train.memory import keep_freed_memory
 from feedalign.train.optim import Schedule, Stepper
 from feedalign.train.runlog import RunLog, default_run_dir, environment, write_json
 
@@ -99,6 +100,8 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     resolve(opts)
     torch.set_num_threads(opts.threads)
     rt = dist.setup(opts.type, opts.devid)
+    if rt.device.type == "cpu":
+        keep_freed_memory()  # no page faults on the buffers every step re-allocates
     if not rt.is_main:  # one voice: rank 0 reports, the others only warn
         logging.getLogger("feedalign").setLevel(logging.WARNING)
     run_dir = Path(resume) if resume else Path(opts.save) if opts.save else default_run_dir()
