@@ -48,6 +48,8 @@ def test_row_selection_by_prefix_and_unknown_name():
                      "2x800-tanh-adversarial"]  # fmt: skip
     assert [r.name for r in select_rows(rows, ["1x800-tanh", "7x"])] == ["7x240-tanh", "1x800-tanh"]
     assert len(select_rows(rows, None)) == len(rows)
+    # a full name is that row only, not the rows it is a prefix of
+    assert [r.name for r in select_rows(rows, ["2x800-tanh"])] == ["2x800-tanh"]
     with pytest.raises(ValueError, match=r"no row matches '5x800'.*2x800-relu"):
         select_rows(rows, ["5x800"])
 
@@ -300,3 +302,20 @@ def test_cli_report_only_and_errors(tmp_path, caplog):
     args = build_parser().parse_args(["reproduce", "mnist", "--rows", "9x9", "--out", str(tmp_path)])
     assert args.func(args) == 2
     assert "no row matches '9x9'" in caplog.text
+
+
+def test_the_experiment_tables_ship_inside_the_package():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    import feedalign
+    from feedalign.reproduce.experiments import EXPERIMENTS
+
+    package = Path(feedalign.__file__).parent
+    assert EXPERIMENTS.is_relative_to(package)  # found from a wheel install too, not only from a clone
+    pyproject = package.parent / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("installed from a wheel: no pyproject.toml beside the package")
+    globs = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]["package-data"]["feedalign"]
+    files = [f.relative_to(package) for f in EXPERIMENTS.rglob("*") if f.is_file()]
+    assert len(files) >= 13
+    unshipped = [str(f) for f in files if not any(f.match(g) for g in globs)]
+    assert not unshipped, f"not in pyproject's package-data: {unshipped}"

@@ -2,7 +2,7 @@
 
     feedalign reproduce mnist --rows 2x800 --seeds 3 --jobs 4 --datapath ../shared/data
 
-expands the chosen rows (experiments/<suite>/*.json) × rules × seeds into
+expands the chosen rows (feedalign/experiments/<suite>/*.json) × rules × seeds into
 `feedalign train` runs under `<out>/runs/<row>/<rule>/seed<k>`, runs them J at a
 time (finished ones are skipped, interrupted ones resumed: the same command
 continues a stopped reproduction), then writes `<out>/report.md` and `report.png`.

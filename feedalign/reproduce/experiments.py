@@ -1,4 +1,4 @@
-"""The paper's tables as data: one JSON file per row under `experiments/<suite>/`.
+"""The paper's tables as data: one JSON file per row under `feedalign/experiments/<suite>/`.
 
 A row file holds
     row          the row's name, e.g. "2x800-tanh"
@@ -21,7 +21,7 @@ from pathlib import Path
 from feedalign.rules import RULES
 from feedalign.train.config import Options
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # the repository's experiments/
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # shipped in the wheel
 SUITES = ("mnist", "cifar10", "cifar100")
 PAPER_EPOCHS = 300  # every run in the paper (SPEC §7)
 REQUIRED = ("row", "dataset", "options", "rules", "published")
@@ -100,13 +100,15 @@ def load_suite(suite: str, folder: str | Path = EXPERIMENTS) -> list[Row]:
 
 
 def select_rows(rows: list[Row], wanted: list[str] | None) -> list[Row]:
-    """Rows named in `wanted` (exact names or prefixes: "2x800" selects every 2x800 row),
-    in table order; None or [] selects all. An unmatched name is an error listing the rows."""
+    """Rows named in `wanted`, in table order; None or [] selects all. A full row name
+    selects that row only ("2x800-tanh", not its -dropout and -adversarial variants);
+    otherwise a prefix selects every row it starts ("2x800"). An unmatched name is an
+    error listing the rows."""
     if not wanted:
         return list(rows)
     chosen: set[str] = set()
     for w in wanted:
-        hits = [r.name for r in rows if r.name == w or r.name.startswith(w)]
+        hits = [r.name for r in rows if r.name == w] or [r.name for r in rows if r.name.startswith(w)]
         if not hits:
             raise ValueError(f"no row matches {w!r}; the rows are: {', '.join(r.name for r in rows)}")
         chosen.update(hits)
