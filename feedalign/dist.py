@@ -119,8 +119,8 @@ def wrap(model: nn.Module, rt: Runtime, *, batch_reduction: str = "mean") -> nn.
         return model
     ids = [rt.device.index] if rt.device.type == "cuda" else None
     # broadcast_buffers=False: feedback matrices are equal by construction (checked
-    # above) and need no per-step broadcast; BN running statistics stay per rank
-    # (rank 0's are saved).
+    # above) and need no per-step broadcast; BN running statistics are averaged over
+    # ranks at each epoch's end (average_batchnorm_statistics), not overwritten by rank 0's.
     ddp_args = inspect.signature(nn.parallel.DistributedDataParallel).parameters
     no_sync = (
         {"forward_sync_buffers": False}
@@ -131,6 +131,19 @@ def wrap(model: nn.Module, rt: Runtime, *, batch_reduction: str = "mean") -> nn.
     if batch_reduction == "sum":
         ddp.register_comm_hook(None, _sum_hook)
     return ddp
+
+
+def average_batchnorm_statistics(model: nn.Module, rt: Runtime) -> None:
+    """Average BatchNorm running mean and variance over ranks, in place. Each rank's
+    were estimated on its own shard; averaged, every rank evaluates with the same
+    statistics and rank 0 saves them (as timm's distribute_bn). Called at epoch ends."""
+    if not rt.distributed:
+        return
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for t in (m.running_mean, m.running_var):
+                dist.all_reduce(t)
+                t.div_(rt.world_size)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

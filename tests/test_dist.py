@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch import nn
 
 import feedalign
 from feedalign import dist
@@ -199,3 +200,32 @@ def test_original_ngpu_option_launches_torchrun(tmp_path):
     assert "torchrun --standalone --nproc-per-node 2 -m feedalign train" in res.stdout + res.stderr
     assert json.loads((run / "env.json").read_text())["world_size"] == 2
     assert (run / "finished.json").exists()
+
+
+def _bn_worker(rank, world, port, out):
+    """Each rank updates BatchNorm statistics on its own data, then the ranks average them."""
+    _env(rank, world, port)
+    rt = dist.setup("float", 1)
+    try:
+        model = feedalign.build_model("mlp", (6,), 3, gradient="bp", batchnorm=1, num_hidden=5, seed=1)
+        x = torch.randn(32, 6, generator=torch.Generator().manual_seed(10 + rank)) * (1 + rank) + rank
+        model.train()
+        model(x)
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+        before = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+        dist.average_batchnorm_statistics(model, rt)
+        after = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+        torch.save({"before": before, "after": after}, f"{out}.rank{rank}")
+    finally:
+        dist.teardown()
+
+
+def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
+    mp.spawn(_bn_worker, args=(2, _free_port(), str(tmp_path / "bn")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"bn.rank{r}", weights_only=True) for r in (0, 1))
+    assert len(r0["before"]) >= 2
+    for (m0, v0), (m1, v1), (a0, w0), (a1, w1) in zip(r0["before"], r1["before"], r0["after"], r1["after"]):
+        assert not torch.allclose(m0, m1)  # the shards' statistics differed
+        torch.testing.assert_close(a0, (m0 + m1) / 2)
+        torch.testing.assert_close(w0, (v0 + v1) / 2)
+        assert torch.equal(a0, a1) and torch.equal(w0, w1)

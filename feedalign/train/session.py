@@ -215,6 +215,7 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
                 raise Interrupted(f"interrupted at epoch {epoch}, batch {state.batch}; checkpoint written. "
                                   f"Continue with: feedalign train --resume {run_dir}")  # fmt: skip
             wrong, loss_sum, seen = _epoch_totals(state, rt)
+            dist.average_batchnorm_statistics(model, rt)  # every rank evaluates and saves the same
             test_error, test_loss = evaluate(model, criterion, test_x, test_y, reduce=reduce, amp=step.amp)
             reason = schedule.update(epoch, wrong / seen)
             record = {"epoch": epoch, "train_error": wrong / seen, "smoothed_error": schedule.smoothed,
