@@ -105,8 +105,11 @@ class Options:
     error_at: str = opt("logits", "dfa error: logits (dL/dy) | output (the original's under ce)")
     svhn_extra: bool = opt(True, "SVHN: train on train + extra (as the original)")
     amp: str = opt("none", "autocast on cuda: none | bf16")
-    compile_optimizer: bool = opt(False, "run the optimizer step as one torch.compile'd kernel (faster; "
-                                  "compiles for ~20 s on first use; needs a C++ compiler on the CPU)")
+    compile_optimizer: bool = opt(
+        False,
+        "run the optimizer step as one torch.compile'd kernel (faster; "
+        "compiles for ~20 s on first use; needs a C++ compiler on the CPU)",
+    )
 
     def check(self) -> Options:
         """Refuse impossible values before any work starts (ValueError lists what is allowed)."""
@@ -156,8 +159,10 @@ class Options:
         if self.amp != "none" and self.type != "cuda":
             raise OptionError("--amp bf16 needs -type cuda")
         if self.compile_optimizer and self.type == "float" and not cxx_compiler():
-            raise OptionError("--compile_optimizer on the CPU needs a C++ compiler (g++ or clang++ on "
-                              "PATH, or $CXX) for torch.compile; install one or leave the option off")
+            raise OptionError(
+                "--compile_optimizer on the CPU needs a C++ compiler (g++ or clang++ on "
+                "PATH, or $CXX) for torch.compile; install one or leave the option off"
+            )
         if self.error_at != "logits" and self.gradient != "dfa":
             raise OptionError("-error_at output only applies to -gradient dfa")
         return self
