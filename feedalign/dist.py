@@ -42,6 +42,14 @@ class Runtime:
         dist.all_reduce(t)
         return t
 
+    def agree(self, value: int) -> int:
+        """Rank 0's value of an integer on every rank (a seed each process drew for itself)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -98,13 +98,13 @@ def test_feedback_mismatch_between_ranks_is_caught(tmp_path):
     assert not out.exists()
 
 
-def _train_worker(rank, world, port, base, save_per_rank, stop_at, resume):
+def _train_worker(rank, world, port, base, save_per_rank, stop_at, resume, seed=4):
     _env(rank, world, port)
     from feedalign.train.session import Interrupted, train
 
     save = f"{base}/run_rank{rank}" if save_per_rank else f"{base}/run"
     opts = Options(dataset="digits", datapath=f"{base}/D", preProcDir=f"{base}/P", epoch=2, num_hidden=32,
-                   batchSize=16, seed=4, quiet=True, threads=1, type="float", save=save)  # fmt: skip
+                   batchSize=16, seed=seed, quiet=True, threads=1, type="float", save=save)  # fmt: skip
     try:
         train(opts, resume=save if resume else None, stop_at=stop_at)
     except Interrupted:
@@ -229,3 +229,10 @@ def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
         torch.testing.assert_close(a0, (m0 + m1) / 2)
         torch.testing.assert_close(w0, (v0 + v1) / 2)
         assert torch.equal(a0, a1) and torch.equal(w0, w1)
+
+
+def test_ranks_agree_on_a_drawn_seed(tmp_path):
+    # no -seed: each process draws one; the run must use rank 0's everywhere (same feedback)
+    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), True, None, False, None), nprocs=2)
+    assert (tmp_path / "run_rank0" / "finished.json").exists()
+    assert isinstance(json.loads((tmp_path / "run_rank0" / "options.json").read_text())["seed"], int)

@@ -100,6 +100,7 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     resolve(opts)
     torch.set_num_threads(opts.threads)
     rt = dist.setup(opts.type, opts.devid)
+    opts.seed = rt.agree(opts.seed)  # without -seed every process drew its own: rank 0's for all
     if rt.device.type == "cpu":
         keep_freed_memory()  # no page faults on the buffers every step re-allocates
     if not rt.is_main:  # one voice: rank 0 reports, the others only warn
