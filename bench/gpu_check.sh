@@ -20,6 +20,9 @@ for rule in bp fa dfa; do
   python -m feedalign train -dataset MNIST -datapath "$DATAPATH" -gradient "$rule" -epoch 2 -type cuda \
     -seed 1 --quiet -preProcDir "$OUT/P" -save "$OUT/mnist-$rule"
 done
+# the optimizer step as one compiled (Triton) kernel
+python -m feedalign train -dataset MNIST -datapath "$DATAPATH" -gradient dfa -epoch 2 -type cuda -seed 1 \
+  --compile_optimizer --quiet -preProcDir "$OUT/P" -save "$OUT/mnist-dfa-compiled"
 python - "$OUT" <<'PY'
 import json, sys, pathlib
 out = pathlib.Path(sys.argv[1])
