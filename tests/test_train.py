@@ -424,9 +424,14 @@ def test_compiled_optimizer_follows_the_update_rule_and_lr_changes_do_not_recomp
     buf = io.BytesIO()
     torch.save(stepper.state_dict(), buf)
     buf.seek(0)
-    eager = Stepper([nn.Parameter(p.detach().clone())], Options())
+    q = nn.Parameter(p.detach().clone())
+    eager = Stepper([q], Options())
     eager.load_state_dict(torch.load(buf, weights_only=True))
     assert eager.steps == 4
+    q.grad = g5 = torch.randn(7, 5, dtype=torch.float64)
+    eager.step(1e-3)  # continues the same update from the loaded state
+    expect = _rmsprop_by_hand(w0, [*grads, g5], [*lrs, 1e-3])
+    torch.testing.assert_close(q.detach(), expect, rtol=1e-12, atol=1e-12)
 
 
 def test_resuming_with_a_compiled_optimizer_continues_the_same_run(tmp_path):
