@@ -11,6 +11,7 @@ with `reduce`, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ def setup(device_type: str, devid: int) -> Runtime:
 def teardown() -> None:
     """Destroy the process group; call it once the DDP model is no longer referenced."""
     if dist.is_initialized():
+        # a DDP wrapper left in a reference cycle (the training step holds it) must be
+        # collected before its process group goes: freed after it, its reducer aborts
+        # the process at exit ("terminate called without an active exception")
+        gc.collect()
         dist.destroy_process_group()
 
 
