@@ -28,9 +28,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import PlainBCE, make_step, plain_bp_model  # noqa: E402
+from throughput import make_step, rotation, variants  # noqa: E402
 
-import feedalign  # noqa: E402
 from feedalign.train.memory import keep_freed_memory  # noqa: E402
 
 GEMMS = ("aten::mm", "aten::addmm")
@@ -68,13 +67,8 @@ def main() -> None:
     print(f"{'network':<9}{'variant':<10}{'step µs':>9}{'GEMM µs':>9}{'other µs':>10}{'GEMM share':>12}"
           f"{'GEMM ratio':>12}{'step ratio':>12}")  # fmt: skip
     for layers in args.layers:
-        variants = {"plain-bp": (plain_bp_model(layers, 800), PlainBCE())}
-        for rule in ("bp", "fa", "dfa"):
-            model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient=rule, num_layers=layers, seed=0)
-            variants[rule] = (model, feedalign.BCE())
-        steps = {
-            name: make_step(m, c, 1e-4, not args.no_step, args.compile) for name, (m, c) in variants.items()
-        }
+        full = not args.no_step
+        steps = {name: make_step(m, c, 1e-4, full, args.compile) for name, (m, c) in variants(layers).items()}
         for step in steps.values():  # warm-up (and compilation)
             for _ in range(30):
                 step(x, y)
@@ -82,8 +76,8 @@ def main() -> None:
         gemms: dict[str, list[float]] = {k: [] for k in steps}
         ratios: dict[str, list[tuple[float, float]]] = {k: [] for k in steps}
         names = list(steps)
-        for r in range(args.rounds):  # rotating order: load drifts hit every variant alike
-            this = {n: block(steps[n], x, y, args.steps) for n in names[r % 4 :] + names[: r % 4]}
+        for r in range(args.rounds):
+            this = {n: block(steps[n], x, y, args.steps) for n in rotation(names, r)}
             w0, g0 = this["plain-bp"]
             for n, (w, g) in this.items():
                 walls[n].append(w)

@@ -68,6 +68,23 @@ class PlainBCE(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="sum")
 
 
+def variants(layers: int, hidden: int = 800, nonlin: str = "tanh") -> dict[str, tuple[nn.Module, nn.Module]]:
+    """{name: (model, criterion)}: plain PyTorch BP, then feedalign's bp, fa and dfa, on the
+    same 784-(hidden × layers)-10 MLP."""
+    out: dict[str, tuple[nn.Module, nn.Module]] = {"plain-bp": (plain_bp_model(layers, hidden), PlainBCE())}
+    for rule in ("bp", "fa", "dfa"):
+        # the paper's init: with tanh, fa and dfa start from zero weights (--nonlin relu: random)
+        model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient=rule, nonlin=nonlin, num_layers=layers,
+                                      num_hidden=hidden, seed=0)  # fmt: skip
+        out[rule] = (model, feedalign.BCE())
+    return out
+
+
+def rotation(names: list[str], r: int) -> list[str]:
+    """Round r's order: rotated by r, so that load drifts hit every variant alike."""
+    return names[r % len(names) :] + names[: r % len(names)]
+
+
 def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
     torch.manual_seed(0)
     n = args.batch * args.steps
@@ -75,23 +92,12 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
     labels = torch.randint(0, 10, (n,))
     batches = list(zip(data.split(args.batch), labels.split(args.batch)))
     full = not args.no_step
-    plain_compiled, ours_compiled = args.compile == "all", args.compile in ("all", "feedalign")
+    ours = ("bp", "fa", "dfa")
+    compiled = {"none": (), "all": ("plain-bp", *ours), "feedalign": ours}[args.compile]
     steps = {
-        "plain-bp": make_step(plain_bp_model(layers, args.hidden), PlainBCE(), args.lr, full, plain_compiled)
+        name: make_step(model, criterion, args.lr, full, name in compiled)
+        for name, (model, criterion) in variants(layers, args.hidden, args.nonlin).items()
     }
-    for rule in ("bp", "fa", "dfa"):
-        # the paper's init: with tanh, fa and dfa start from zero weights (--nonlin relu: random)
-        model = feedalign.build_model(
-            "mlp",
-            (1, 28, 28),
-            10,
-            gradient=rule,
-            nonlin=args.nonlin,
-            num_layers=layers,
-            num_hidden=args.hidden,
-            seed=0,
-        )
-        steps[rule] = make_step(model, feedalign.BCE(), args.lr, full, ours_compiled)
     for step in steps.values():  # warm-up
         for x, y in batches[:20]:
             step(x, y)
@@ -100,7 +106,7 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
     names = list(steps)
     for r in range(args.rounds):
         this_round = {}
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotation(names, r):
             step = steps[name]
             t0 = time.perf_counter()
             for x, y in batches:
