@@ -69,6 +69,11 @@ class EpochState:
                 "seconds": self.seconds, "extras": self.extras}  # fmt: skip
 
 
+def autocast(device: torch.device, amp: torch.dtype | None):
+    """--amp: autocast to `amp` on `device`; without it, nothing."""
+    return torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+
+
 @dataclass
 class Step:
     """The pieces one training step needs."""
@@ -84,12 +89,9 @@ class Step:
     bias: bool = True
     amp: torch.dtype | None = None
 
-    def autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.amp) if self.amp else nullcontext()
-
     def _forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, loss); under --amp the forward runs in bf16 and the loss in float32."""
-        with self.autocast(x.device):
+        with autocast(x.device, self.amp):
             out = self.model(x)
             loss = self.criterion(out.float() if self.amp else out, y)
         return out, loss
@@ -195,7 +197,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor, *, ba
     wrong = torch.zeros((), device=x.device, dtype=torch.float64)
     loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        with torch.autocast(x.device.type, dtype=amp) if amp else nullcontext():
+        with autocast(x.device, amp):
             out = model(xb)
         out = out.float() if amp else out  # the loss in float32 (bf16 forward under --amp)
         wrong += (out.argmax(1) != yb).sum()
