@@ -49,7 +49,7 @@ class Stepper:
         self.lr_decay = opts.LRDecay if self.decays else 0.0
         self.fixed_lr = opts.optimization == "adadelta"
         self.steps = 0
-        self.compiled = bool(getattr(opts, "compile_optimizer", False))
+        self.compiled = opts.compile_optimizer
         self._step = self.optimizer.step
         if self.compiled:
             self._lr_as_tensors()

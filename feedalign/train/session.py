@@ -93,7 +93,7 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     """Train as SPEC §4 and return the run directory.
 
     resume: a run directory to continue (its options.json is used; `opts` may only
-        change epoch, quiet, threads, devid — the CLI enforces it).
+        change the options in feedalign.train.cli.RESUME_MAY_CHANGE — the CLI enforces it).
     stop_at: (epoch, batch) — behave as if Ctrl-C came after that batch (tests).
     Raises Interrupted (checkpoint written) or Diverged (last good checkpoint kept).
     """
