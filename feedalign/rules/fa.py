@@ -20,6 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def feedback_for(layer: nn.Module, name: str = "feedback") -> Tensor:
+    """The matrix B that `layer`'s backward uses this step in place of a weight.
+
+    Every fa-family layer asks here (never reads its buffer directly), so that a rule
+    whose B is derived from the current weights, redrawn or trained can supply it.
+    """
+    return getattr(layer, name)
+
+
 class FALinearFunction(torch.autograd.Function):
     """y = x Wᵀ + b; backward: dx = δ B, dW = δᵀ x, db = Σ δ. x: (*, in), δ: (*, out)."""
 
@@ -89,7 +98,7 @@ class FALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self.rule_active or not torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        return FALinearFunction.apply(x, self.weight, self.bias, self.feedback)
+        return FALinearFunction.apply(x, self.weight, self.bias, feedback_for(self))
 
 
 class FAConv2d(nn.Conv2d):
@@ -114,7 +123,7 @@ class FAConv2d(nn.Conv2d):
             x,
             self.weight,
             self.bias,
-            self.feedback,
+            feedback_for(self),
             self.stride,
             self.padding,
             self.dilation,
