@@ -19,14 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def feedback_for(layer: nn.Module, name: str = "feedback") -> Tensor:
-    """The matrix B that `layer`'s backward uses this step in place of a weight.
-
-    Every fa-family layer asks here (never reads its buffer directly), so that a rule
-    whose B is derived from the current weights, redrawn or trained can supply it.
-    """
-    return getattr(layer, name)
+from feedalign.rules.feedback import add_feedback, feedback_for
 
 
 class FALinearFunction(torch.autograd.Function):
@@ -92,7 +85,7 @@ class FALinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw) -> None:
         super().__init__(in_features, out_features, bias, **kw)
-        self.register_buffer("feedback", torch.zeros_like(self.weight))
+        add_feedback(self, "weight", torch.zeros_like(self.weight))
         self.rule_active = True
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,7 +106,7 @@ class FAConv2d(nn.Conv2d):
                 f"fa supports Conv2d with numeric zero padding only, got "
                 f"padding={self.padding!r}, padding_mode={self.padding_mode!r}"
             )
-        self.register_buffer("feedback", torch.zeros_like(self.weight))
+        add_feedback(self, "weight", torch.zeros_like(self.weight))
         self.rule_active = True
 
     def forward(self, x: Tensor) -> Tensor:

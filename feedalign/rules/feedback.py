@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor, nn
 
 
 def generator(seed: int | None) -> torch.Generator | None:
@@ -39,3 +40,27 @@ def dfa_bound(n_elements: int, rfb_mag: float) -> float:
 def fan_in(weight: torch.Tensor) -> int:
     """Inputs feeding one output unit: in_features (Linear) or C_in·kH·kW (Conv2d)."""
     return weight[0].numel()
+
+
+# --- the protocol between fa-family layers and the rules -------------------------
+# A layer trained by a per-layer rule keeps, for each weight `w` it handles, the
+# rule's state under `feedback_name(w)` (B_0, drawn at conversion), and asks
+# `feedback_for(layer, w)` for the B of the current step; nothing else reads it.
+
+
+def feedback_name(weight: str) -> str:
+    """Attribute holding the feedback of `layer.<weight>`: "feedback" for "weight"
+    (state_dict key `<layer>.feedback`), else "<weight>_feedback"."""
+    return "feedback" if weight == "weight" else f"{weight}_feedback"
+
+
+def add_feedback(layer: nn.Module, weight: str, initial: Tensor, rule: str = "fa") -> None:
+    """Give `layer.<weight>` its feedback, starting from `initial` (the weight's shape)."""
+    layer.register_buffer(feedback_name(weight), initial)
+    layer.feedback_rule = rule
+
+
+def feedback_for(layer: nn.Module, weight: str = "weight") -> Tensor:
+    """The matrix B (the weight's shape) that `layer`'s backward uses this step in
+    place of `layer.<weight>`."""
+    return getattr(layer, feedback_name(weight))
