@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedalign.reproduce.experiments import Row
+from feedalign.rules import RULES
 from feedalign.train.cli import RESUME_MAY_CHANGE
 from feedalign.train.config import Options
 from feedalign.train.runlog import write_json
@@ -68,17 +69,35 @@ def plan(rows: Sequence[Row], *, rules: Sequence[str] | None, seeds: int, out: P
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     runs = []
     for row in rows:
+        missing = [r for r in row.rules if r not in RULES and (not rules or r in rules)]
+        if missing:
+            log.warning(f"{row.suite}/{row.name}: rule(s) {', '.join(missing)} are not in this feedalign "
+                        f"(it has {', '.join(RULES)}); skipped")  # fmt: skip
         for rule in row.rules:
-            if rules and rule not in rules:
+            if (rules and rule not in rules) or rule not in RULES:
                 continue
             for seed in range(1, seeds + 1):
-                options = {**row.options, **(overrides or {}), "gradient": rule, "seed": seed}
+                options = {**row.options_for(rule), **(overrides or {}), "gradient": rule, "seed": seed}
                 if epochs is not None:
                     options["epoch"] = epochs
                 options.setdefault("epoch", 300)
                 run_dir = out / "runs" / row.name / rule / f"seed{seed}"
                 runs.append(Run(row.name, rule, seed, run_dir, options))
     return runs
+
+
+def missing_networks(rows: Sequence[Row], models_folder: str | None = None) -> list[str]:
+    """"row: network" for every row whose network this feedalign cannot build."""
+    from feedalign.models import find_network
+
+    missing = []
+    for row in rows:
+        network = row.options.get("network", "mlp")
+        try:
+            find_network(network, models_folder or row.options.get("modelsFolder", "./Models/"))
+        except ValueError:
+            missing.append(f"{row.name}: {network}")
+    return missing
 
 
 def decide(run: Run) -> str:
