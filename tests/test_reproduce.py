@@ -466,3 +466,33 @@ def test_cli_hours_runs_only_what_fits(tmp_path, monkeypatch, caplog):
     started = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert [a[a.index("-gradient") + 1] for a in started] == ["bp", "fa"]
     assert "2 run(s) chosen" in caplog.text and "1x800-tanh/dfa/seed1" in caplog.text.split("left:")[1]
+
+
+def test_biotorch_suites_follow_their_protocol(tmp_path):
+    from feedalign.models import NETWORKS
+    from feedalign.rules import RULES
+
+    published = {"biotorch-mnist": {"bp": 0.91, "fa": 1.7, "usf": 0.94, "brsf": 0.91, "frsf": 0.97,
+                                    "dfa": 1.61},
+                 "biotorch-fashion": {"bp": 9.2, "fa": 13.06, "usf": 9.69, "brsf": 10.02, "frsf": 9.61,
+                                      "dfa": 12.81}}  # fmt: skip
+    for suite, figures in published.items():
+        (row,) = load_suite(suite)
+        assert {rule: p["test"] for rule, p in row.published.items()} == figures
+        assert all(p["verified"] and "Benchmarks.md" in p["source"] for p in row.published.values())
+        assert set(row.rules) == set(figures) | {"kp", "drtp", "shallow"}
+        assert (row.metric, row.seeds, row.epochs) == ("best", 1, 100)
+        o = row.options
+        assert (o["network"], o["resize"], o["lr_milestones"], o["lr_gamma"], o["batchSize"]) == (
+            "lenet", 32, "50,75", 0.1, 64)  # fmt: skip
+        sgd = (o["optimization"], o["momentum"], o["weightDecay"], o["criterion"])
+        assert sgd == ("sgd", 0.9, 1e-3, "ce")
+        runs = rn.plan([row], rules=None, seeds=None, out=tmp_path)
+        assert [r.label for r in runs] == [f"lenet/{rule}/seed1" for rule in row.rules if rule in RULES]
+        assert {r.rule: r.options["LR"] for r in runs if r.rule in ("bp", "dfa")} == {"bp": 0.1, "dfa": 0.01}
+    (resnet,) = load_suite("biotorch-cifar10")
+    assert {rule: p["test"] for rule, p in resnet.published.items()} == {
+        "bp": 8.63, "fa": 32.16, "dfa": 45.94, "usf": 10.05, "brsf": 11.02, "frsf": 11.2}  # fmt: skip
+    assert resnet.options_for("dfa")["LR"] == 0.01 and resnet.options_for("bp")["LR"] == 1.0
+    if "resnet20" not in NETWORKS:
+        assert rn.missing_networks([resnet]) == ["resnet20-sgd: resnet20"]

@@ -23,12 +23,19 @@ import logging
 import shlex
 from pathlib import Path
 
-from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, SUITES, Row, load_suite, select_rows
+from feedalign.reproduce.experiments import (
+    DEFAULT_SEEDS,
+    EXPERIMENTS,
+    PAPER_EPOCHS,
+    SUITES,
+    Row,
+    load_suite,
+    select_rows,
+)
 from feedalign.rules import RULES
 from feedalign.train.config import Options
 
 log = logging.getLogger("feedalign")
-DEFAULT_SEEDS = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", nargs="+", choices=RULES, metavar="RULE",
                    help=f"any of {', '.join(RULES)}; default: the rules each row reports")  # fmt: skip
     p.add_argument("--seeds", type=int,
-                   help=f"runs per row and rule, seeds 1..N (default {DEFAULT_SEEDS}; --report-only: "
-                        "the seeds present, at least seed 1)")  # fmt: skip
+                   help=f"runs per row and rule, seeds 1..N (default: the row file's, else {DEFAULT_SEEDS}; "
+                        "--report-only: the seeds present, at least seed 1)")  # fmt: skip
     p.add_argument("--hours", type=float,
                    help="run only what fits in this many hours with --jobs at a time, in table order "
                         "(estimated from measured epoch times); says what was chosen and what was "
@@ -103,7 +110,7 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.hours is not None and args.hours <= 0:
             raise ValueError(f"--hours must be > 0, got {args.hours}")
-        seeds = args.seeds or (1 if args.report_only else DEFAULT_SEEDS)
+        seeds = args.seeds or (1 if args.report_only else None)
         runs = runner.plan(rows, rules=args.rules, seeds=seeds, out=out, epochs=args.epochs,
                            overrides=overrides)  # fmt: skip
         if not runs and not args.report_only:

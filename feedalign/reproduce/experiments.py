@@ -21,6 +21,8 @@ optional:
                  table reports the best test error over epochs): which figure Δ compares
     epoch_seconds  estimated seconds per epoch on one thread, for `--hours` when no
                  metrics of the row have been measured yet
+    seeds        runs per rule when --seeds is not given (default DEFAULT_SEEDS; 1 where
+                 the table reports a single run)
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ SUITES = tuple(sorted(p.name for p in EXPERIMENTS.iterdir() if p.is_dir()))
 PAPER_EPOCHS = 300  # every run in the paper (docs/original.md §7)
 REQUIRED = ("row", "dataset", "options", "rules", "published")
 METRICS = ("final", "best")
+DEFAULT_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Row:
     rule_options: dict[str, dict] = field(default_factory=dict)
     metric: str = "final"  # "final" or "best": the table's figure, which Δ compares
     epoch_seconds: float | None = None  # estimate, one thread
+    seeds: int = DEFAULT_SEEDS  # runs per rule unless --seeds says otherwise
 
     def options_for(self, rule: str) -> dict:
         """The row's options with `rule`'s own overrides (without gradient and seed)."""
@@ -111,6 +115,7 @@ def load_row(path: Path, suite: str) -> Row:
         rule_options=rule_options,
         metric=metric,
         epoch_seconds=d.get("epoch_seconds"),
+        seeds=int(d.get("seeds", DEFAULT_SEEDS)),
     )
 
 

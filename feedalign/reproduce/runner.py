@@ -60,12 +60,13 @@ class Run:
         return int(self.options["epoch"])
 
 
-def plan(rows: Sequence[Row], *, rules: Sequence[str] | None, seeds: int, out: Path,
+def plan(rows: Sequence[Row], *, rules: Sequence[str] | None, seeds: int | None, out: Path,
          epochs: int | None = None, overrides: dict | None = None) -> list[Run]:  # fmt: skip
-    """Expand rows × rules × seeds 1..`seeds` into runs. `rules` filters each row's
-    own rules (a row the paper reports for dfa only gets no bp/fa runs); `epochs`
-    replaces the rows' budget; `overrides` (e.g. datapath, type) apply to every run."""
-    if seeds < 1:
+    """Expand rows × rules × seeds 1..`seeds` (None: each row's own `seeds`) into runs.
+    `rules` filters each row's own rules (a row the paper reports for dfa only gets no
+    bp/fa runs); `epochs` replaces the rows' budget; `overrides` (e.g. datapath, type)
+    apply to every run."""
+    if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     runs = []
     for row in rows:
@@ -76,7 +77,7 @@ def plan(rows: Sequence[Row], *, rules: Sequence[str] | None, seeds: int, out: P
         for rule in row.rules:
             if (rules and rule not in rules) or rule not in RULES:
                 continue
-            for seed in range(1, seeds + 1):
+            for seed in range(1, (seeds or row.seeds) + 1):
                 options = {**row.options_for(rule), **(overrides or {}), "gradient": rule, "seed": seed}
                 if epochs is not None:
                     options["epoch"] = epochs
