@@ -296,7 +296,7 @@ def test_report_on_fabricated_runs(tmp_path):
     assert "| 1.60 ± — |" in one and "| 1/3 |" in one and "| 300 |" in one and "| 1.59 ± 0.04 |" in one
     assert list(lines)[:3] == [("1x800-tanh", "bp"), ("1x800-tanh", "fa"), ("1x800-tanh", "dfa")]
     shorter = next(line for line in text.splitlines() if "Shorter than" in line)
-    assert "2x800-tanh (20 epochs)" in shorter and "1x800-tanh" not in shorter
+    assert "2x800-tanh (20 of 300 epochs)" in shorter and "1x800-tanh" not in shorter
     assert "differ from their row's options" not in text
     opts = json.loads((runs / "1x800-tanh" / "bp" / "seed1" / "options.json").read_text())
     (runs / "1x800-tanh" / "bp" / "seed1" / "options.json").write_text(json.dumps(opts | {"num_hidden": 32}))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from feedalign.reproduce.experiments import PAPER_EPOCHS, Row
+from feedalign.reproduce.experiments import Row
 from feedalign.reproduce.report import Group, RunResult
 
 HEADER = ("| row | rule | final test | best test | final train | runs | epochs | published test "
@@ -101,15 +101,18 @@ def delta_cell(g: Group) -> str:
 def shorter_line(groups: list[Group]) -> str:
     """Plainly: which rows were run with a smaller epoch budget than the table's."""
     short: dict[str, set[int]] = {}
+    table: dict[str, int] = {}
     for g in groups:
         for r in g.runs:
             ran = r.status not in ("missing", "unavailable")
             if ran and r.budget not in (None, -1) and r.budget < g.paper_epochs:
                 short.setdefault(g.row, set()).add(int(r.budget))
+                table[g.row] = g.paper_epochs
     if not short:
         return "Every run present was given the table's epoch budget."
-    parts = [f"{row} ({'/'.join(str(b) for b in sorted(b_))} epochs)" for row, b_ in short.items()]
-    return (f"**Shorter than the table's epochs** ({PAPER_EPOCHS} for Nøkland 2016): {', '.join(parts)}. "
+    parts = [f"{row} ({'/'.join(str(b) for b in sorted(budgets))} of {table[row]} epochs)"
+             for row, budgets in short.items()]  # fmt: skip
+    return (f"**Shorter than the table's epochs:** {', '.join(parts)}. "
             "Their errors are not comparable with the published figures.")  # fmt: skip
 
 
