@@ -1,6 +1,6 @@
 """`feedalign reproduce SUITE`: a published table, run and reported.
 
-    feedalign reproduce mnist --rows 2x800 --seeds 3 --jobs 4 --datapath ../shared/data
+    feedalign reproduce mnist --rows 2x800 --seeds 3 --jobs 4 --datapath DATA
     feedalign reproduce mnist --hours 2.5 --jobs 2      # only what fits in 2.5 hours
     feedalign reproduce mnist --report-only --out results/mnist
 
