@@ -29,7 +29,8 @@ def test_suites_load_in_table_order_with_published_figures():
     assert [r.name for r in rows] == MNIST_ROWS
     by = {r.name: r for r in rows}
     assert by["100x240-tanh"].rules == ("dfa",)
-    assert by["100x240-tanh"].published["dfa"] == {"test": 3.92, "std": 0.09, "train": 0.12}
+    assert {k: by["100x240-tanh"].published["dfa"][k] for k in ("test", "std", "train")} == {
+        "test": 3.92, "std": 0.09, "train": 0.12}  # fmt: skip
     assert by["2x800-tanh-adversarial"].options["eps"] == 0.08
     assert by["2x800-logistic"].options["nonlin"] == "sigm"
     assert by["2x800-tanh-dropout"].published["fa"]["train"] == 0.20
@@ -38,7 +39,8 @@ def test_suites_load_in_table_order_with_published_figures():
         (conv,) = load_suite(suite)
         assert conv.name == "conv-tanh" and conv.options["whiten"] is True and conv.options["LR"] == lr
         assert conv.published["dfa"]["test"] == dfa and conv.published["dfa"]["roughly"]
-    assert set(SUITES) == {"mnist", "cifar10", "cifar100"}
+    assert set(SUITES) == {"mnist", "cifar10", "cifar100", "biotorch-mnist", "biotorch-fashion",
+                           "biotorch-cifar10"}  # fmt: skip
 
 
 def test_row_selection_by_prefix_and_unknown_name():
@@ -54,6 +56,19 @@ def test_row_selection_by_prefix_and_unknown_name():
         select_rows(rows, ["5x800"])
 
 
+def test_every_published_figure_says_where_it_is_from_and_whether_it_was_verified():
+    for suite in SUITES:
+        for row in load_suite(suite):
+            for rule, pub in row.published.items():
+                assert pub["source"] and isinstance(pub["verified"], bool), (suite, row.name, rule)
+    # only the abstract's figure of the Nøkland MNIST table has been checked against the paper
+    mnist = load_suite("mnist")
+    verified = [(r.name, rule) for r in mnist for rule, p in r.published.items() if p["verified"]]
+    assert verified == [("2x800-tanh-dropout", "dfa")]
+    adv = next(r for r in load_suite("mnist") if r.name == "2x800-tanh-adversarial").published["dfa"]
+    assert adv["test"] == 0.85 and adv["disputed"][0]["test"] == 1.02 and not adv["verified"]
+
+
 def test_bad_row_file_is_refused(tmp_path):
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "x.json").write_text(json.dumps(
@@ -63,6 +78,15 @@ def test_bad_row_file_is_refused(tmp_path):
         load_suite("mnist", tmp_path)
     with pytest.raises(ValueError, match="suites there: mnist"):
         load_suite("cifar10", tmp_path)
+    row = {"row": "x", "dataset": "MNIST", "options": {}, "rules": ["bp"], "published": {"bp": {"test": 1.0}}}
+    (tmp_path / "mnist" / "x.json").write_text(json.dumps(row))
+    with pytest.raises(ValueError, match="needs \"source\".*\"verified\""):
+        load_suite("mnist", tmp_path)
+    row["published"] = {}
+    row["rule_options"] = {"dfa": {"LR": 1}}
+    (tmp_path / "mnist" / "x.json").write_text(json.dumps(row))
+    with pytest.raises(ValueError, match="rule_options.*'dfa'.*must name a rule of the row"):
+        load_suite("mnist", tmp_path)
 
 
 # --- runner -------------------------------------------------------------------------
@@ -261,18 +285,18 @@ def test_report_on_fabricated_runs(tmp_path):
     lines = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in text.splitlines()
              if line.startswith("| ") and "---" not in line and not line.startswith("| row ")}  # fmt: skip
     bp = lines[("2x800-tanh", "bp")]
-    assert "| 1.70 ± 0.20 |" in bp and "| 0.02 ± 0.01 |" in bp and "| 3/3 |" in bp and "| 20 |" in bp
-    assert "| 1.60 ± 0.06 |" in bp and "| +0.10 |" in bp
+    assert "| 1.70 ± 0.20 | 1.70 ± 0.20 | 0.02 ± 0.01 | 3/3 | 20 |" in bp
+    assert "| 1.60 ± 0.06 | **no** | +0.10 |" in bp
     dfa = lines[("2x800-tanh", "dfa")]
-    assert "| 1.80 ± — |" in dfa and "| 1/3 |" in dfa and "| 4–20 |" in dfa and "| 1.74 ± 0.08 |" in dfa
-    assert "seed 2: running/interrupted (epoch 4)" in dfa and "seed 3: missing" in dfa
+    assert "| 1.80 ± — | 1.80 (epoch 1) |" in dfa and "| 1/3 | seed 1: 20; seed 2: partial (4/20) |" in dfa
+    assert "| 1.74 ± 0.08 | **no** | +0.06 | seed 3: missing |" in dfa
     fa = lines[("2x800-tanh", "fa")]
     assert "| missing |" in fa and "| 0/3 |" in fa and "| 1.64 ± 0.03 |" in fa
     one = lines[("1x800-tanh", "bp")]
     assert "| 1.60 ± — |" in one and "| 1/3 |" in one and "| 300 |" in one and "| 1.59 ± 0.04 |" in one
     assert list(lines)[:3] == [("1x800-tanh", "bp"), ("1x800-tanh", "fa"), ("1x800-tanh", "dfa")]
     shorter = next(line for line in text.splitlines() if "Shorter than" in line)
-    assert "2x800-tanh (20 epochs)" in shorter and "1x800-tanh" not in shorter
+    assert "2x800-tanh (20 of 300 epochs)" in shorter and "1x800-tanh" not in shorter
     assert "differ from their row's options" not in text
     opts = json.loads((runs / "1x800-tanh" / "bp" / "seed1" / "options.json").read_text())
     (runs / "1x800-tanh" / "bp" / "seed1" / "options.json").write_text(json.dumps(opts | {"num_hidden": 32}))
@@ -291,7 +315,7 @@ def test_report_on_any_folder_and_running_only(tmp_path):
     ]
     write_report(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert "running/interrupted (epoch 3)" in text and "Every run present was given the paper's 300" in text
+    assert "| 2.00 ± — partial | 2.00 (epoch 1) partial |" in text and "| partial (3/300) |" in text
 
 
 def test_cli_report_only_and_errors(tmp_path, caplog):
@@ -319,3 +343,156 @@ def test_the_experiment_tables_ship_inside_the_package():
     assert len(files) >= 13
     unshipped = [str(f) for f in files if not any(f.match(g) for g in globs)]
     assert not unshipped, f"not in pyproject's package-data: {unshipped}"
+
+
+# --- reports from committed metrics, partial runs and the best epoch ------------------
+
+
+def committed_suite(tmp_path: Path) -> Path:
+    """An experiments folder with one row that reports the best epoch, and a rule this
+    feedalign does not have."""
+    folder = tmp_path / "experiments"
+    (folder / "mnist").mkdir(parents=True)
+    pub = {"source": "a fixture", "verified": True}
+    row = {"row": "lenet", "dataset": "MNIST", "options": {"epoch": 100, "LR": 0.1}, "metric": "best",
+           "rules": ["bp", "fa", "dfa", "nosuchrule"],
+           "published": {"bp": {"test": 0.91, **pub}, "fa": {"test": 1.7, **pub},
+                         "nosuchrule": {"test": 5.0, "source": "recalled", "verified": False}},
+           "rule_options": {"dfa": {"LR": 0.01}}}  # fmt: skip
+    (folder / "mnist" / "lenet.json").write_text(json.dumps(row))
+    return folder
+
+
+def test_report_only_from_committed_metrics(tmp_path, caplog):
+    """Metrics committed without checkpoints (results/<suite>/runs/<row>/<rule>/seed<k>):
+    final and best error, partial runs with their epochs, a stopping rule, Δ on the best epoch."""
+    experiments, out = committed_suite(tmp_path), tmp_path / "results" / "mnist"
+    runs = out / "runs" / "lenet"
+    fabricate(runs / "bp" / "seed1", epochs=3, budget=3, test=[0.05, 0.01, 0.02], rule="bp", checkpoint=False)
+    fabricate(runs / "bp" / "seed2", epochs=3, budget=3, test=[0.05, 0.014, 0.03], rule="bp", seed=2,
+              checkpoint=False)  # fmt: skip
+    fabricate(runs / "fa" / "seed1", epochs=2, budget=100, test=[0.10, 0.04], rule="fa", finished=False,
+              checkpoint=False)  # fmt: skip
+    dfa = fabricate(runs / "dfa" / "seed1", epochs=3, budget=100, test=0.03, checkpoint=False)
+    (dfa / "finished.json").write_text(json.dumps({"reason": "zero training error reached", "epochs": 3}))
+    args = build_parser().parse_args(["reproduce", "mnist", "--experiments", str(experiments),
+                                      "--out", str(out), "--report-only"])  # fmt: skip
+    assert args.func(args) == 0
+
+    text = (out / "report.md").read_text()
+    rows = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| lenet ")}
+    # bp: final 2.00 and 3.00 -> 2.50 ± 0.71; best 1.00 and 1.40 -> 1.20 ± 0.28; Δ = 1.20 − 0.91
+    assert "| 2.50 ± 0.71 | 1.20 ± 0.28 | 0.00 ± 0.00 | 2/2 | 3 | 0.91 | yes | +0.29 |" in rows["bp"]
+    # fa: no seed finished: its partial figures, marked, and its epochs out of the budget
+    assert "| 4.00 ± — partial | 4.00 (epoch 2) partial |" in rows["fa"]
+    assert "| 0/1 | partial (2/100) | 1.70 | yes | +2.30 partial |" in rows["fa"]
+    assert "| 3.00 ± — | 3.00 (epoch 1) |" in rows["dfa"]
+    assert "| 3/100, stopped: zero training error reached |" in rows["dfa"]
+    assert "| rule not in this feedalign |" in rows["nosuchrule"]
+    assert "| 5.00 | **no** |" in rows["nosuchrule"]
+    assert "Δ = ours − published, on the best test error" in text and (out / "report.png").stat().st_size > 0
+
+
+def test_plan_uses_rule_options_and_skips_rules_this_feedalign_lacks(tmp_path, caplog):
+    rows = load_suite("mnist", committed_suite(tmp_path))
+    runs = rn.plan(rows, rules=None, seeds=1, out=tmp_path)
+    assert [r.rule for r in runs] == ["bp", "fa", "dfa"]
+    assert [r.options["LR"] for r in runs] == [0.1, 0.1, 0.01]
+    assert "nosuchrule are not in this feedalign" in caplog.text
+
+
+# --- --hours ------------------------------------------------------------------------
+
+
+def test_epoch_time_estimates_come_from_metrics_then_the_row_file(tmp_path):
+    from feedalign.reproduce import budget
+
+    rows = load_suite("mnist")
+    rows = [r for r in rows if r.name in ("2x800-tanh", "1x800-tanh")]
+    out = tmp_path / "out"
+    timed = fabricate(out / "runs" / "2x800-tanh" / "bp" / "seed1", epochs=3, rule="bp")
+    records = [{"epoch": e, "test_error": 0.1, "seconds": s} for e, s in ((1, 2.0), (2, 4.0), (3, 3.0))]
+    (timed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    resumed = fabricate(out / "runs" / "2x800-tanh" / "dfa" / "seed1", epochs=2, budget=10, finished=False)
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "seconds": 5.0}) + "\n"
+                                                   for e in (1, 2)))  # fmt: skip
+    runs = {r.label: r for r in rn.plan(rows, rules=None, seeds=2, out=out, epochs=10)}
+    work = [(runs[label], rn.decide(runs[label])) for label in
+            ("2x800-tanh/bp/seed2", "2x800-tanh/fa/seed1", "2x800-tanh/dfa/seed1", "1x800-tanh/bp/seed1")]
+    est = {e.run.label: e for e in budget.estimate(work, rows, out)}
+    same_rule, same_row = est["2x800-tanh/bp/seed2"], est["2x800-tanh/fa/seed1"]
+    assert (same_rule.epoch_seconds, same_rule.source) == (3.0, "measured (row/rule)")  # median of 2, 4, 3
+    assert same_row.source == "measured (row)" and same_row.epoch_seconds == 4.0  # median of 2, 4, 3, 5, 5
+    own = est["2x800-tanh/dfa/seed1"]
+    assert (own.action, own.epochs, own.source) == ("resume", 8, "measured (this run)")
+    assert own.seconds == pytest.approx(8 * 5.0 * budget.OVERHEAD)
+    row_file = est["1x800-tanh/bp/seed1"]
+    assert (row_file.epoch_seconds, row_file.source) == (3.5, "row file estimate")
+
+
+def test_hour_budget_picks_runs_in_table_order_on_the_first_free_slot():
+    from feedalign.reproduce.budget import OVERHEAD, Estimate, describe, select
+
+    def est(i: int, seconds: float | None) -> Estimate:
+        run = rn.Run(f"row{i}", "bp", 1, Path(f"r{i}"), {"epoch": 1})
+        return Estimate(run, "fresh", 10, None if seconds is None else seconds / 10 / OVERHEAD, "fixture")
+
+    # 2 slots, 1 h: 2000 | 2000, then 1500 on slot 1 (ends 3500), 1700 would end 3700 on slot 2: left;
+    # 500 still fits on slot 2 (ends 2500); an unestimated run is left
+    runs = [est(1, 2000), est(2, 2000), est(3, 1500), est(4, 1700), est(5, 500), est(6, None)]
+    chosen, left = select(runs, hours=1.0, jobs=2)
+    assert [e.run.row for e in chosen] == ["row1", "row2", "row3", "row5"]
+    assert [e.run.row for e in left] == ["row4", "row6"]
+    chosen, left = select(runs, hours=1.0, jobs=1)  # one slot: 2000, (4000: left), 3500, then nothing fits
+    assert [e.run.row for e in chosen] == ["row1", "row3"] and len(left) == 4
+    text = describe(chosen, left, hours=1.0, jobs=1)
+    assert "2 run(s) chosen" in text and "4 left for later" in text and "row6/bp/seed1" in text
+    with pytest.raises(ValueError, match="--hours must be > 0"):
+        select(runs, hours=0, jobs=1)
+
+
+def test_cli_hours_runs_only_what_fits(tmp_path, monkeypatch, caplog):
+    """--hours with the fake trainer: 1x800 rows are estimated at 3.5 s/epoch (row file)."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setenv("FAKE_CALLS", str(tmp_path / "calls.jsonl"))
+    out = tmp_path / "out"
+    # 3 epochs × 3.5 s × 1.1 = 11.55 s a run; 25 s with one job: two of the three rules fit
+    args = build_parser().parse_args(["reproduce", "mnist", "--out", str(out), "--rows", "1x800-tanh",
+                                      "--seeds", "1", "--epochs", "3", "--jobs", "1",
+                                      "--hours", str(25 / 3600)])  # fmt: skip
+    caplog.set_level("INFO")
+    assert run_reproduce(args, trainer=[sys.executable, str(script)]) == 0
+    started = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert [a[a.index("-gradient") + 1] for a in started] == ["bp", "fa"]
+    assert "2 run(s) chosen" in caplog.text and "1x800-tanh/dfa/seed1" in caplog.text.split("left:")[1]
+
+
+def test_biotorch_suites_follow_their_protocol(tmp_path):
+    from feedalign.models import NETWORKS
+    from feedalign.rules import RULES
+
+    published = {"biotorch-mnist": {"bp": 0.91, "fa": 1.7, "usf": 0.94, "brsf": 0.91, "frsf": 0.97,
+                                    "dfa": 1.61},
+                 "biotorch-fashion": {"bp": 9.2, "fa": 13.06, "usf": 9.69, "brsf": 10.02, "frsf": 9.61,
+                                      "dfa": 12.81}}  # fmt: skip
+    for suite, figures in published.items():
+        (row,) = load_suite(suite)
+        assert {rule: p["test"] for rule, p in row.published.items()} == figures
+        assert all(p["verified"] and "Benchmarks.md" in p["source"] for p in row.published.values())
+        assert set(row.rules) == set(figures) | {"kp", "drtp", "shallow"}
+        assert (row.metric, row.seeds, row.epochs) == ("best", 1, 100)
+        o = row.options
+        assert (o["network"], o["resize"], o["lr_milestones"], o["lr_gamma"], o["batchSize"]) == (
+            "lenet", 32, "50,75", 0.1, 64)  # fmt: skip
+        sgd = (o["optimization"], o["momentum"], o["weightDecay"], o["criterion"])
+        assert sgd == ("sgd", 0.9, 1e-3, "ce")
+        runs = rn.plan([row], rules=None, seeds=None, out=tmp_path)
+        assert [r.label for r in runs] == [f"lenet/{rule}/seed1" for rule in row.rules if rule in RULES]
+        assert {r.rule: r.options["LR"] for r in runs if r.rule in ("bp", "dfa")} == {"bp": 0.1, "dfa": 0.01}
+    (resnet,) = load_suite("biotorch-cifar10")
+    assert {rule: p["test"] for rule, p in resnet.published.items()} == {
+        "bp": 8.63, "fa": 32.16, "dfa": 45.94, "usf": 10.05, "brsf": 11.02, "frsf": 11.2}  # fmt: skip
+    assert resnet.options_for("dfa")["LR"] == 0.01 and resnet.options_for("bp")["LR"] == 1.0
+    if "resnet20" not in NETWORKS:
+        assert rn.missing_networks([resnet]) == ["resnet20-sgd: resnet20"]

@@ -13,11 +13,12 @@ from torch import nn
 from feedalign.losses import CRITERIA
 from feedalign.models.conv import conv
 from feedalign.models.convert import TRAINABLE, convert, feedback, rule_of
+from feedalign.models.lenet import lenet
 from feedalign.models.mlp import mlp
 from feedalign.rules import check_rule
 from feedalign.rules.feedback import fan_in, generator
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "conv": conv}
+NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "conv": conv, "lenet": lenet}
 NONLINS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "sigm": nn.Sigmoid, "relu": nn.ReLU}
 FEEDBACK_SEED_OFFSET = 1_000_003  # feedback draws must not replay the weight stream
 

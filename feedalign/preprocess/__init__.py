@@ -7,7 +7,7 @@ batch = augment(batch, generator)   # training only, on the batch's device
 
 from feedalign.preprocess.augmentation import augment, crop_flip_resize
 from feedalign.preprocess.normalize import NORMALIZATIONS
-from feedalign.preprocess.pipeline import FORMATS, cache_path, prepare
+from feedalign.preprocess.pipeline import FORMATS, cache_path, prepare, resize_images
 from feedalign.preprocess.yuv import rgb2yuv
 from feedalign.preprocess.zca import apply_zca, fit_zca
 
@@ -20,5 +20,6 @@ __all__ = [
     "crop_flip_resize",
     "fit_zca",
     "prepare",
+    "resize_images",
     "rgb2yuv",
 ]

@@ -31,6 +31,14 @@ def _convert(images: torch.Tensor, fmt: str) -> torch.Tensor:
     return images.float()
 
 
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """float (N, C, H, W) -> (N, C, size, size), bilinear with half-pixel centres
+    (align_corners=False, as PIL's and torchvision's Resize when enlarging)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
 def cache_path(cache_dir: str | Path, dataset: str, *, validate: bool, fmt: str, method: str,
                train_images: torch.Tensor) -> Path:  # fmt: skip
     """`<cache_dir>/<dataset>/<validate|full>_<format>_<method>_<fingerprint>.pt`."""
@@ -49,6 +57,7 @@ def prepare(
     whiten: bool = False,
     normalization: str = "scale",
     cache_dir: str | Path = "./PreProcData",
+    resize: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed (train, test), float32 (N, C, H, W), on the images' device.
 
@@ -58,6 +67,8 @@ def prepare(
     whiten: ZCA on the 0..255 values instead of `normalization`.
     normalization: "scale" (to [0, 1] by the training min/max), "simple", "channel"
         or "image" (see normalize.py).
+    resize: > 0: first resize both splits to resize×resize (`resize_images`); the
+        constants are then fitted on the resized images (and cached under their own name).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
@@ -69,11 +80,15 @@ def prepare(
     if train_images.shape[1:] != test_images.shape[1:]:
         raise ValueError(f"train images {tuple(train_images.shape[1:])} and test images "
                          f"{tuple(test_images.shape[1:])} differ in shape")  # fmt: skip
-    method = "zca" if whiten else normalization
+    if resize < 0:
+        raise ValueError(f"resize must be 0 (off) or a size >= 1, got {resize}")
+    method = ("zca" if whiten else normalization) + (f"_resize{resize}" if resize else "")
     path = cache_path(cache_dir, dataset, validate=validate, fmt=format, method=method,
                       train_images=train_images)  # fmt: skip
     train = _convert(train_images, format)
     test = _convert(test_images, format)
+    if resize:
+        train, test = resize_images(train, resize), resize_images(test, resize)
     if whiten:
         constants = cached(path, ("mean", "P"), lambda: fit_zca(train))
         return apply_zca(train, constants), apply_zca(test, constants)

@@ -1,11 +1,18 @@
-"""`feedalign reproduce {mnist,cifar10,cifar100}`: the paper's tables, run and reported.
+"""`feedalign reproduce SUITE`: a published table, run and reported.
 
-    feedalign reproduce mnist --rows 2x800 --seeds 3 --jobs 4 --datapath ../shared/data
+    feedalign reproduce mnist --rows 2x800 --seeds 3 --jobs 4 --datapath DATA
+    feedalign reproduce mnist --hours 2.5 --jobs 2      # only what fits in 2.5 hours
+    feedalign reproduce mnist --report-only --out results/mnist
 
-expands the chosen rows (feedalign/experiments/<suite>/*.json) × rules × seeds into
-`feedalign train` runs under `<out>/runs/<row>/<rule>/seed<k>`, runs them J at a
-time (finished ones are skipped, interrupted ones resumed: the same command
-continues a stopped reproduction), then writes `<out>/report.md` and `report.png`.
+Suites: the folders of feedalign/experiments (mnist, cifar10, cifar100: Nøkland 2016;
+biotorch-mnist, biotorch-fashion, biotorch-cifar10: BioTorch's Benchmarks.md). Expands
+the chosen rows (feedalign/experiments/<suite>/*.json) × rules × seeds into `feedalign
+train` runs under `<out>/runs/<row>/<rule>/seed<k>`, runs them J at a time (finished
+ones are skipped, interrupted ones resumed: the same command continues a stopped
+reproduction), then writes `<out>/report.md` and the figures. --hours estimates each
+run's time from measured epoch times and runs, in table order, only what fits
+(feedalign/reproduce/budget.py). --report-only reads whatever run directories are
+under --out, committed metrics without checkpoints included. docs/reproduce.md has more.
 """
 
 from __future__ import annotations
@@ -16,12 +23,19 @@ import logging
 import shlex
 from pathlib import Path
 
-from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, SUITES, load_suite, select_rows
+from feedalign.reproduce.experiments import (
+    DEFAULT_SEEDS,
+    EXPERIMENTS,
+    PAPER_EPOCHS,
+    SUITES,
+    Row,
+    load_suite,
+    select_rows,
+)
 from feedalign.rules import RULES
 from feedalign.train.config import Options
 
 log = logging.getLogger("feedalign")
-DEFAULT_SEEDS = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,13 +46,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    p.add_argument("suite", choices=SUITES, help="which table: mnist, cifar10 or cifar100")
+    p.add_argument("suite", choices=SUITES, help="which table: " + ", ".join(SUITES))
     p.add_argument("--rows", nargs="+", metavar="ROW",
                    help="row names or prefixes (2x800 = every 2x800 row); default: all rows")  # fmt: skip
     p.add_argument("--rules", nargs="+", choices=RULES, metavar="RULE",
-                   help="bp, fa and/or dfa; default: the rules each row reports")  # fmt: skip
-    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS,
-                   help=f"runs per row and rule, seeds 1..N (default {DEFAULT_SEEDS})")  # fmt: skip
+                   help=f"any of {', '.join(RULES)}; default: the rules each row reports")  # fmt: skip
+    p.add_argument("--seeds", type=int,
+                   help=f"runs per row and rule, seeds 1..N (default: the row file's, else {DEFAULT_SEEDS}; "
+                        "--report-only: the seeds present, at least seed 1)")  # fmt: skip
+    p.add_argument("--hours", type=float,
+                   help="run only what fits in this many hours with --jobs at a time, in table order "
+                        "(estimated from measured epoch times); says what was chosen and what was "
+                        "left")  # fmt: skip
     p.add_argument("--epochs", type=int,
                    help=f"epochs per run (default: the row's, the paper's {PAPER_EPOCHS})")  # fmt: skip
     p.add_argument("--jobs", type=int, help="runs at a time (default: min(CPU count, runs to do))")
@@ -80,45 +99,77 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
     from feedalign.reproduce import runner
     from feedalign.reproduce.report import write_report
 
+    out = args.out or Path(f"reproduce-{args.suite}")
     try:
         rows = select_rows(load_suite(args.suite, args.experiments), args.rows)
         overrides = parse_overrides(args.overrides)
         if args.datapath:
             overrides["datapath"] = args.datapath
-        out = args.out or Path(f"reproduce-{args.suite}")
-        runs = runner.plan(rows, rules=args.rules, seeds=args.seeds, out=out, epochs=args.epochs,
-                           overrides=overrides)  # fmt: skip
-        if not runs:
-            raise ValueError(f"no runs: rows {[r.name for r in rows]} report none of the rules {args.rules}")
-        for name in ("jobs", "threads", "epochs"):
+        for name in ("jobs", "threads", "epochs", "seeds"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.hours is not None and args.hours <= 0:
+            raise ValueError(f"--hours must be > 0, got {args.hours}")
+        seeds = args.seeds or (1 if args.report_only else None)
+        runs = runner.plan(rows, rules=args.rules, seeds=seeds, out=out, epochs=args.epochs,
+                           overrides=overrides)  # fmt: skip
+        if not runs and not args.report_only:
+            raise ValueError(f"no runs: rows {[r.name for r in rows]} report none of the rules {args.rules}")
+        unbuildable = [] if args.report_only else runner.missing_networks(rows)
+        if unbuildable:
+            raise ValueError(f"this feedalign cannot build the network of row(s) {'; '.join(unbuildable)} "
+                             "(see the row's note)")  # fmt: skip
     except ValueError as err:
         log.error(f"error: {err}")
         return 2
     expected = [(r.row, r.rule, r.seed, r.dir) for r in runs]
-    title = f"Reproduction report: {args.suite} (Nøkland 2016)"
+    report = {"rows": rows, "expected": expected, "experiments": args.experiments,
+              "title": f"Reproduction report: {args.suite} ({_source(rows)})"}  # fmt: skip
     if args.report_only:
         if not out.is_dir():
             log.error(f"error: {out} does not exist; nothing to report")
             return 2
-        write_report(out, rows=rows, expected=expected, title=title, experiments=args.experiments)
+        write_report(out, **report)
         return 0
 
     work = [(r, runner.decide(r)) for r in runs]
     todo = [(r, a) for r, a in work if a != "skip"]
     jobs = args.jobs or runner.default_jobs(len(todo))
     threads = args.threads or max(1, runner.cpu_count() // jobs)
+    if args.hours is not None:
+        todo = _within_hours(todo, rows, out, hours=args.hours, jobs=jobs)
     counts = {a: sum(1 for _, b in work if b == a) for a in ("fresh", "resume", "extend", "skip")}
     summary = ", ".join(f"{n} {a}" for a, n in counts.items() if n)
-    log.info(f"{args.suite}: {len(rows)} row(s), {len(runs)} run(s): {summary}; "
+    log.info(f"{args.suite}: {len(rows)} row(s), {len(runs)} run(s): {summary}; {len(todo)} to run, "
              f"{jobs} at a time, {threads} thread(s) each; output {out}")  # fmt: skip
     kw = {"trainer": trainer} if trainer else {}
     if args.dry_run:
+        chosen = {r.label for r, _ in todo}
         for r, action in work:
-            cmd = "" if action == "skip" else shlex.join(runner.command(r, action, threads=threads, **kw))
-            print(f"{r.label:<40} {action:<7} {cmd}")
+            show = action if action == "skip" or r.label in chosen else "later"
+            runs_now = show not in ("skip", "later")
+            cmd = shlex.join(runner.command(r, action, threads=threads, **kw)) if runs_now else ""
+            print(f"{r.label:<40} {show:<7} {cmd}")
         return 0
+    return _execute(todo, out, jobs=jobs, threads=threads, report=report, **kw)
+
+
+def _source(rows: list[Row]) -> str:
+    return "BioTorch Benchmarks.md" if rows and rows[0].suite.startswith("biotorch") else "Nøkland 2016"
+
+
+def _within_hours(todo: list, rows: list[Row], out: Path, *, hours: float, jobs: int) -> list:
+    """The runs of `todo` that fit in `hours` (budget.py); logs what was chosen and left."""
+    from feedalign.reproduce import budget
+
+    chosen, left = budget.select(budget.estimate(todo, rows, out), hours=hours, jobs=jobs)
+    log.info(budget.describe(chosen, left, hours=hours, jobs=jobs))
+    return [(e.run, e.action) for e in chosen]
+
+
+def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **kw) -> int:
+    from feedalign.reproduce import runner
+    from feedalign.reproduce.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     status = 0
@@ -131,5 +182,5 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
     except KeyboardInterrupt:
         log.warning("stopped; run the same command again to continue")
         status = 130
-    write_report(out, rows=rows, expected=expected, title=title, experiments=args.experiments)
+    write_report(out, **report)
     return status

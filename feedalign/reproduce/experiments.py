@@ -1,14 +1,28 @@
-"""The paper's tables as data: one JSON file per row under `feedalign/experiments/<suite>/`.
+"""The reproduced tables as data: one JSON file per row under `feedalign/experiments/<suite>/`.
 
 A row file holds
     row          the row's name, e.g. "2x800-tanh"
-    order        its position in the paper's table
+    order        its position in the table
     dataset      Options.dataset of every run of the row
     description  what the row is, in words
     options      train options common to all rules (Options field names)
-    rules        the rules the paper reports for the row, e.g. ["bp", "fa", "dfa"]
-    published    {rule: {"test": %, "std": % or null, "train": % or null[, "roughly": true]}}
+    rules        the rules the table reports for the row, e.g. ["bp", "fa", "dfa"]; a rule
+                 this feedalign does not have (not in feedalign.rules.RULES) is skipped
+                 with a warning when planning runs
+    published    {rule: {"test": %, "std": % or null, "train": % or null[, "roughly": true],
+                         "source": where the figure was read, "verified": true/false
+                         [, "disputed": [{"test", "std", "source"}, ...]]}}
+                 "verified" is true only where the figure was checked against the
+                 publication itself (not recalled, not quoted second-hand)
     note         where the published figures come from, and how exact they are
+optional:
+    rule_options {rule: {option: value}}: per-rule train options (e.g. a rule's own LR)
+    metric       "final" (default; the paper reports the last epoch) or "best" (the
+                 table reports the best test error over epochs): which figure Δ compares
+    epoch_seconds  estimated seconds per epoch on one thread, for `--hours` when no
+                 metrics of the row have been measured yet
+    seeds        runs per rule when --seeds is not given (default DEFAULT_SEEDS; 1 where
+                 the table reports a single run)
 """
 
 from __future__ import annotations
@@ -22,9 +36,11 @@ from feedalign.rules import RULES
 from feedalign.train.config import Options
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"  # shipped in the wheel
-SUITES = ("mnist", "cifar10", "cifar100")
-PAPER_EPOCHS = 300  # every run in the paper (SPEC §7)
+SUITES = tuple(sorted(p.name for p in EXPERIMENTS.iterdir() if p.is_dir()))
+PAPER_EPOCHS = 300  # every run in the paper (docs/original.md §7)
 REQUIRED = ("row", "dataset", "options", "rules", "published")
+METRICS = ("final", "best")
+DEFAULT_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,14 @@ class Row:
     order: int = 0
     description: str = ""
     note: str = ""
+    rule_options: dict[str, dict] = field(default_factory=dict)
+    metric: str = "final"  # "final" or "best": the table's figure, which Δ compares
+    epoch_seconds: float | None = None  # estimate, one thread
+    seeds: int = DEFAULT_SEEDS  # runs per rule unless --seeds says otherwise
+
+    def options_for(self, rule: str) -> dict:
+        """The row's options with `rule`'s own overrides (without gradient and seed)."""
+        return {**self.options, **self.rule_options.get(rule, {})}
 
     @property
     def epochs(self) -> int:
@@ -63,12 +87,21 @@ def load_row(path: Path, suite: str) -> Row:
     fixed = sorted({"gradient", "seed", "save"} & set(d["options"]))
     if fixed:
         raise ValueError(f"{path}: options must not set {', '.join(fixed)}; the runner sets them per run")
-    bad_rules = [r for r in d["rules"] if r not in RULES]
-    if bad_rules or not d["rules"]:
-        raise ValueError(f"{path}: rules {d['rules']} must be a non-empty list of {', '.join(RULES)}")
-    extra = sorted(set(d["published"]) - set(d["rules"]))
-    if extra:
-        raise ValueError(f"{path}: published figures for {', '.join(extra)}, which is not in rules")
+    rules = d["rules"]
+    if not rules or not all(isinstance(r, str) and r.isidentifier() and r.islower() for r in rules):
+        raise ValueError(f"{path}: rules {rules} must be a non-empty list of rule names such as "
+                         f"{', '.join(RULES)}")  # fmt: skip
+    _check_published(path, d["published"], rules)
+    rule_options = d.get("rule_options", {})
+    for rule, opts in rule_options.items():
+        bad = sorted(set(opts) - fields) + sorted({"gradient", "seed", "save"} & set(opts))
+        if rule not in rules or bad:
+            wrong = ", ".join(bad) or rule
+            raise ValueError(f"{path}: rule_options[{rule!r}] must name a rule of the row and Options "
+                             f"fields other than gradient/seed/save (wrong: {wrong})")  # fmt: skip
+    metric = d.get("metric", "final")
+    if metric not in METRICS:
+        raise ValueError(f"{path}: metric {metric!r} must be one of {', '.join(METRICS)}")
     return Row(
         name=d["row"],
         suite=suite,
@@ -79,7 +112,23 @@ def load_row(path: Path, suite: str) -> Row:
         order=int(d.get("order", 0)),
         description=d.get("description", ""),
         note=d.get("note", ""),
+        rule_options=rule_options,
+        metric=metric,
+        epoch_seconds=d.get("epoch_seconds"),
+        seeds=int(d.get("seeds", DEFAULT_SEEDS)),
     )
+
+
+def _check_published(path: Path, published: dict, rules: list[str]) -> None:
+    """Every published figure names its source and whether it was verified."""
+    extra = sorted(set(published) - set(rules))
+    if extra:
+        raise ValueError(f"{path}: published figures for {', '.join(extra)}, which is not in rules")
+    for rule, pub in published.items():
+        if not isinstance(pub.get("source"), str) or not isinstance(pub.get("verified"), bool):
+            raise ValueError(f"{path}: published[{rule!r}] needs \"source\" (text) and \"verified\" "
+                             "(true/false): where the figure was read, and whether it was checked "
+                             "against the publication itself")  # fmt: skip
 
 
 def load_suite(suite: str, folder: str | Path = EXPERIMENTS) -> list[Row]:

@@ -13,7 +13,10 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-COLOURS = {"bp": "tab:blue", "fa": "tab:orange", "dfa": "tab:green"}
+from feedalign.files import atomic_write  # noqa: E402
+
+COLOURS = {"bp": "tab:blue", "fa": "tab:orange", "dfa": "tab:green", "usf": "tab:red", "brsf": "tab:purple",
+           "frsf": "tab:brown", "kp": "tab:pink", "drtp": "tab:olive", "shallow": "tab:gray"}  # fmt: skip
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 METRIC_STYLE = {"update": "-", "error": "--", "feedback": ":"}
 
@@ -38,17 +41,25 @@ def _grid(n: int, width: float = 4.0, height: float = 3.0):
     return fig, list(axes.flat[:n])
 
 
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
 def plot_errors(groups, path: Path) -> None:
-    """Test error (%) vs epoch, log y; the published figure as a dashed line per rule."""
+    """Test error (%) vs epoch, log y, one panel per row; the published figure as a dashed
+    line per rule; a rule whose runs are all partial is drawn dotted."""
     rows = list(dict.fromkeys(g.row for g in groups))
     fig, axes = _grid(len(rows))
     for ax, row in zip(axes, rows):
         for g in (g for g in groups if g.row == row):
             colour = COLOURS.get(g.rule)
-            epochs, mean = _seed_mean([r.curve for r in g.runs if r.curve])
-            n = sum(1 for r in g.runs if r.curve)
+            curves = [r.curve for r in g.runs if r.curve and (r.status == "finished" or not g.finished)]
+            epochs, mean = _seed_mean(curves)
             if epochs:
-                ax.plot(epochs, mean, color=colour, label=f"{g.rule} (n={n})")
+                partial = "" if g.finished else ", partial"
+                ax.plot(epochs, mean, color=colour, linestyle=":" if partial else "-",
+                        label=f"{g.rule} (n={len(curves)}{partial})")  # fmt: skip
             if g.published and g.published.get("test") is not None:
                 ax.axhline(g.published["test"], color=colour, linestyle="--", linewidth=1,
                            label=f"{g.rule} published")  # fmt: skip
@@ -62,8 +73,7 @@ def plot_errors(groups, path: Path) -> None:
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_alignment(groups, path: Path) -> None:
@@ -95,5 +105,4 @@ def plot_alignment(groups, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

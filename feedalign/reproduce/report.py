@@ -1,9 +1,10 @@
-"""The reproduction report: our errors next to the paper's, per row and rule.
+"""The reproduction report: our errors next to the published ones, per row and rule.
 
 Reads run directories as `feedalign train` leaves them (options.json,
-metrics.jsonl, finished.json; runner.json from the reproduce runner) and writes
-`report.md` (one table) and `report.png` (test error per epoch, one panel per row),
-plus `alignment.png` where runs logged alignment angles.
+metrics.jsonl, finished.json; runner.json from the reproduce runner; checkpoint.pt
+is not needed, so committed metrics suffice) and writes `report.md` (one table,
+tables.py) and `report.png` (test error per epoch, one panel per row), plus
+`alignment.png` where runs logged alignment angles.
 
 Usable on any folder: `python -m feedalign.reproduce.report DIR`. Runs laid out as
 `<row>/<rule>/seed<k>` (the reproduce layout) are grouped by row; any other run
@@ -18,10 +19,10 @@ import logging
 import math
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feedalign.files import atomic_write_text
 from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, Row, find_row
 from feedalign.rules import RULES
 from feedalign.train.runlog import read_metrics
@@ -38,11 +39,13 @@ class RunResult:
     rule: str
     seed: int | None
     dir: Path | None
-    status: str  # finished | unfinished | failed | missing
+    status: str  # finished | unfinished (partial) | failed | missing | unavailable (rule not here)
     epochs: int = 0  # epochs with a metrics record
     budget: int | None = None  # options.json "epoch" (-1 = unbounded)
     test: float | None = None  # final epoch
     train: float | None = None
+    best: float | None = None  # lowest test error over the epochs
+    best_epoch: int | None = None
     reason: str | None = None  # finished.json "reason"
     returncode: int | None = None  # runner.json
     dataset: str | None = None
@@ -50,13 +53,25 @@ class RunResult:
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, test error %)
     alignment: list[tuple[int, dict]] = field(default_factory=list)  # (epoch, {layer: {metric: °}})
 
+    @property
+    def stopped_early(self) -> bool:
+        """Finished before its epoch budget: a stopping rule ended it."""
+        return self.status == "finished" and self.budget not in (None, -1) and self.epochs < self.budget
+
     def describe(self) -> str:
-        """Why this run has no final figure, in the report's words."""
+        """The run's state in the report's words: how far it got and why it ended."""
         if self.status == "missing":
             return "missing"
+        if self.status == "unavailable":
+            return "rule not in this feedalign"
         if self.status == "failed":
             return f"failed (exit {self.returncode}, epoch {self.epochs}; see train.log)"
-        return f"running/interrupted (epoch {self.epochs})"
+        of = "" if self.budget in (None, -1) else f"/{self.budget}"
+        if self.status == "unfinished":
+            return f"partial ({self.epochs}{of} epochs)"
+        if self.stopped_early:
+            return f"{self.epochs}{of} epochs, stopped: {self.reason}"
+        return f"{self.epochs} epochs"
 
 
 def read_run(
@@ -70,6 +85,8 @@ def read_run(
     rc = runner.get("returncode")
     status = "finished" if finished is not None else "failed" if rc not in (None, 0, 130) else "unfinished"
     last = records[-1] if records else {}
+    curve = [(r["epoch"], 100 * r["test_error"]) for r in records if _finite(r.get("test_error"))]
+    best_epoch, best = min(curve, key=lambda c: c[1]) if curve else (None, None)
     return RunResult(
         row=row or run_dir.parent.name,
         rule=rule or options.get("gradient", "?"),
@@ -80,11 +97,13 @@ def read_run(
         budget=options.get("epoch"),
         test=_pct(last.get("test_error")),
         train=_pct(last.get("train_error")),
+        best=best,
+        best_epoch=best_epoch,
         reason=(finished or {}).get("reason"),
         returncode=rc,
         dataset=options.get("dataset"),
         options=options,
-        curve=[(r["epoch"], 100 * r["test_error"]) for r in records if "test_error" in r],
+        curve=curve,
         alignment=[(r["epoch"], r["alignment"]) for r in records if r.get("alignment")],
     )
 
@@ -94,18 +113,23 @@ def find_runs(root: Path) -> list[RunResult]:
     results = []
     for d in sorted({p.parent for m in MARKERS for p in root.rglob(m)}):
         rel = d.relative_to(root).parts
-        if len(rel) >= 3 and rel[-2] in RULES and rel[-1].startswith("seed") and rel[-1][4:].isdigit():
+        if len(rel) >= 3 and rel[-2].isidentifier() and rel[-1].startswith("seed") and rel[-1][4:].isdigit():
             results.append(read_run(d, row=rel[-3], rule=rel[-2], seed=int(rel[-1][4:])))
         else:
             results.append(read_run(d, row=(rel[-2] if len(rel) >= 2 else root.resolve().name)))
     return results
 
 
-def with_missing(found: list[RunResult], expected: list[tuple[str, str, int, Path]]) -> list[RunResult]:
-    """`found` plus a "missing" entry for every expected (row, rule, seed, dir) not on disk."""
+def with_missing(found: list[RunResult], expected: list[tuple[str, str, int, Path]],
+                 rows: list[Row] | None = None) -> list[RunResult]:  # fmt: skip
+    """`found` plus a "missing" entry for every expected (row, rule, seed, dir) not on disk,
+    and an "unavailable" one for each rule of `rows` that this feedalign lacks and no run has."""
     have = {(r.row, r.rule, r.seed) for r in found}
     extra = [RunResult(row, rule, seed, d, "missing") for row, rule, seed, d in expected
              if (row, rule, seed) not in have]  # fmt: skip
+    ran = {(r.row, r.rule) for r in found}
+    extra += [RunResult(row.name, rule, None, None, "unavailable") for row in rows or [] for rule in row.rules
+              if rule not in RULES and (row.name, rule) not in ran]  # fmt: skip
     return found + extra
 
 
@@ -116,20 +140,37 @@ class Group:
     row: str
     rule: str
     runs: list[RunResult]
-    published: dict | None = None  # {"test", "std", "train"[, "roughly"]}
+    published: dict | None = None  # {"test", "std", "train", "source", "verified"[, "roughly", "disputed"]}
     paper_epochs: int = PAPER_EPOCHS
     row_options: dict = field(default_factory=dict)  # the row file's options, if known
+    metric: str = "final"  # the published figure is the "final" or the "best" test error
 
     @property
     def finished(self) -> list[RunResult]:
         return [r for r in self.runs if r.status == "finished" and r.test is not None]
 
+    @property
+    def partial(self) -> list[RunResult]:
+        return [r for r in self.runs if r.status == "unfinished" and r.test is not None]
+
+    @property
+    def basis(self) -> list[RunResult]:
+        """The runs the figures are computed from: the finished seeds, else the partial ones."""
+        return self.finished or self.partial
+
     def stat(self, key: str) -> tuple[float, float | None] | None:
-        """(mean, sample std or None for one run) of the final `key` ("test"/"train") over finished seeds."""
-        values = [getattr(r, key) for r in self.finished if getattr(r, key) is not None]
+        """(mean, sample std or None for one run) of `key` ("test", "best", "train") over `basis`."""
+        values = [getattr(r, key) for r in self.basis if getattr(r, key) is not None]
         if not values:
             return None
         return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+    def delta(self) -> float | None:
+        """Ours − published, on the figure the table reports (final or best test error)."""
+        ours = self.stat("best" if self.metric == "best" else "test")
+        if ours is None or not self.published or self.published.get("test") is None:
+            return None
+        return ours[0] - self.published["test"]
 
 
 def group_runs(results: list[RunResult], rows: list[Row] | None = None,
@@ -144,7 +185,8 @@ def group_runs(results: list[RunResult], rows: list[Row] | None = None,
                 find_row(res.dataset, res.row, experiments) if res.dataset else None
             )
             groups[key] = Group(res.row, res.rule, [], (row.published.get(res.rule) if row else None),
-                                row.epochs if row else PAPER_EPOCHS, row.options if row else {})  # fmt: skip
+                                row.epochs if row else PAPER_EPOCHS, row.options_for(res.rule) if row else {},
+                                row.metric if row else "final")  # fmt: skip
         groups[key].runs.append(res)
     order = {name: i for i, name in enumerate(by_name)}
     keyed = sorted(groups.values(), key=lambda g: (order.get(g.row, len(order)), g.row, _rule_order(g.rule)))
@@ -154,118 +196,8 @@ def group_runs(results: list[RunResult], rows: list[Row] | None = None,
 
 
 def _rule_order(rule: str) -> int:
-    return RULES.index(rule) if rule in RULES else len(RULES)
-
-
-# --- formatting ---------------------------------------------------------------------
-
-
-def fmt_stat(stat: tuple[float, float | None] | None) -> str:
-    if stat is None:
-        return ""
-    mean, std = stat
-    return f"{mean:.2f} ± {'—' if std is None else f'{std:.2f}'}"
-
-
-def fmt_published(pub: dict | None, key: str = "test") -> str:
-    if not pub or pub.get(key) is None:
-        return "—"
-    approx = "≈" if pub.get("roughly") else ""
-    std = pub.get("std") if key == "test" else None
-    return f"{approx}{pub[key]:.2f}" + (f" ± {std:.2f}" if std is not None else "")
-
-
-def status_cell(g: Group) -> str:
-    """What stands in place of the mean when no seed has finished."""
-    live = [r for r in g.runs if r.status == "unfinished"]
-    if live:
-        return "running/interrupted (epoch " + ", ".join(str(r.epochs) for r in live) + ")"
-    if any(r.status == "failed" for r in g.runs):
-        return "failed"
-    return "missing"
-
-
-def notes_cell(g: Group) -> str:
-    """Seeds without a final figure ("seeds 2, 3: missing"), and runs that stopped early."""
-    if all(r.status == "missing" for r in g.runs):
-        return ""
-    by_state: dict[str, list[str]] = {}
-    for r in g.runs:
-        if r.status != "finished":
-            by_state.setdefault(r.describe(), []).append(str(r.seed))
-    notes = [f"seed{'s' if len(s) > 1 else ''} {', '.join(s)}: {state}" for state, s in by_state.items()]
-    for r in g.finished:
-        if r.budget not in (None, -1) and r.epochs < r.budget:
-            notes.append(f"seed {r.seed}: stopped at epoch {r.epochs} ({r.reason})")
-    return "; ".join(notes)
-
-
-def epochs_cell(g: Group) -> str:
-    ran = [r.epochs for r in g.runs if r.status != "missing"]
-    if not ran:
-        return ""
-    return str(min(ran)) if min(ran) == max(ran) else f"{min(ran)}–{max(ran)}"
-
-
-def shorter_line(groups: list[Group]) -> str:
-    """Plainly: which rows were run with a smaller epoch budget than the paper's."""
-    short: dict[str, set[int]] = {}
-    for g in groups:
-        for r in g.runs:
-            if r.status != "missing" and r.budget not in (None, -1) and r.budget < g.paper_epochs:
-                short.setdefault(g.row, set()).add(int(r.budget))
-    if not short:
-        return f"Every run present was given the paper's {PAPER_EPOCHS} epochs."
-    parts = [f"{row} ({'/'.join(str(b) for b in sorted(b_))} epochs)" for row, b_ in short.items()]
-    return (f"**Shorter than the paper's {PAPER_EPOCHS} epochs:** {', '.join(parts)}. "
-            "Their errors are not comparable with the published figures.")  # fmt: skip
-
-
-def deviations_line(groups: list[Group]) -> str | None:
-    """Options (other than the epoch budget) in which runs differ from their row file."""
-    found: dict[str, set[str]] = {}
-    for g in groups:
-        for r in g.runs:
-            for k, want in g.row_options.items():
-                if k != "epoch" and r.options and k in r.options and r.options[k] != want:
-                    found.setdefault(g.row, set()).add(f"{k}={r.options[k]} (row: {want})")
-    if not found:
-        return None
-    parts = [f"{row}: {', '.join(sorted(d))}" for row, d in found.items()]
-    return "**Runs differ from their row's options:** " + "; ".join(parts) + "."
-
-
-def markdown(groups: list[Group], *, title: str, source: Path, rows: list[Row] | None = None,
-             figures: list[str] = ()) -> str:  # fmt: skip
-    lines = [
-        f"# {title}",
-        "",
-        f"From {source} on {time.strftime('%Y-%m-%d %H:%M')}. Errors in %, at the final epoch; "
-        "mean ± sample standard deviation (n−1) over the finished seeds (— for a single seed). "
-        "Published: the paper's figure (≈ where quoted roughly); Δ = ours − published.",
-        "",
-        shorter_line(groups),
-        "",
-        *([deviations_line(groups), ""] if deviations_line(groups) else []),
-        "| row | rule | test error | train error | seeds | epochs | published test | published train "
-        "| Δ test | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for g in groups:
-        test = g.stat("test")
-        delta = ""
-        if test is not None and g.published and g.published.get("test") is not None:
-            delta = f"{test[0] - g.published['test']:+.2f}"
-        cells = [g.row, g.rule, fmt_stat(test) or status_cell(g), fmt_stat(g.stat("train")),
-                 f"{len(g.finished)}/{len(g.runs)}", epochs_cell(g), fmt_published(g.published),
-                 fmt_published(g.published, "train"), delta, notes_cell(g)]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    if rows:
-        lines += ["", "## Rows", ""]
-        lines += [f"- **{r.name}**: {r.description}" for r in rows if r.description]
-        lines += sorted({f"- {r.note}" for r in rows if r.note})
-    lines += [""] + [f"![{f}]({f})" for f in figures]
-    return "\n".join(lines) + "\n"
+    names = list(RULES)  # RULES may be a tuple or a name -> rule table
+    return names.index(rule) if rule in names else len(names)
 
 
 def write_report(root: Path, *, rows: list[Row] | None = None,
@@ -274,8 +206,9 @@ def write_report(root: Path, *, rows: list[Row] | None = None,
     """Write `root/report.md`, `root/report.png` (and `alignment.png` if any run logged
     alignment). `expected` lists the runs that should exist (shown as missing if not)."""
     from feedalign.reproduce.plots import plot_alignment, plot_errors
+    from feedalign.reproduce.tables import markdown
 
-    results = with_missing(find_runs(root), expected or [])
+    results = with_missing(find_runs(root), expected or [], rows)
     groups = group_runs(results, rows, experiments)
     figures = []
     if any(r.curve for r in results):
@@ -286,7 +219,7 @@ def write_report(root: Path, *, rows: list[Row] | None = None,
         figures.append("alignment.png")
     text = markdown(groups, title=title or f"Reproduction report: {root.name}", source=root, rows=rows,
                     figures=figures)  # fmt: skip
-    (root / "report.md").write_text(text)
+    atomic_write_text(root / "report.md", text)
     log.info(f"report: {root / 'report.md'} ({len(groups)} row/rule groups, {len(results)} runs)")
     return root / "report.md"
 
@@ -295,8 +228,12 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 def _pct(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else 100.0 * x
+    return 100.0 * x if _finite(x) else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedalign.reproduce.experiments import Row
+from feedalign.rules import RULES
 from feedalign.train.cli import RESUME_MAY_CHANGE
 from feedalign.train.config import Options
 from feedalign.train.runlog import write_json
@@ -59,26 +60,45 @@ class Run:
         return int(self.options["epoch"])
 
 
-def plan(rows: Sequence[Row], *, rules: Sequence[str] | None, seeds: int, out: Path,
+def plan(rows: Sequence[Row], *, rules: Sequence[str] | None, seeds: int | None, out: Path,
          epochs: int | None = None, overrides: dict | None = None) -> list[Run]:  # fmt: skip
-    """Expand rows × rules × seeds 1..`seeds` into runs. `rules` filters each row's
-    own rules (a row the paper reports for dfa only gets no bp/fa runs); `epochs`
-    replaces the rows' budget; `overrides` (e.g. datapath, type) apply to every run."""
-    if seeds < 1:
+    """Expand rows × rules × seeds 1..`seeds` (None: each row's own `seeds`) into runs.
+    `rules` filters each row's own rules (a row the paper reports for dfa only gets no
+    bp/fa runs); `epochs` replaces the rows' budget; `overrides` (e.g. datapath, type)
+    apply to every run."""
+    if seeds is not None and seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     runs = []
     for row in rows:
+        missing = [r for r in row.rules if r not in RULES and (not rules or r in rules)]
+        if missing:
+            log.warning(f"{row.suite}/{row.name}: rule(s) {', '.join(missing)} are not in this feedalign "
+                        f"(it has {', '.join(RULES)}); skipped")  # fmt: skip
         for rule in row.rules:
-            if rules and rule not in rules:
+            if (rules and rule not in rules) or rule not in RULES:
                 continue
-            for seed in range(1, seeds + 1):
-                options = {**row.options, **(overrides or {}), "gradient": rule, "seed": seed}
+            for seed in range(1, (seeds or row.seeds) + 1):
+                options = {**row.options_for(rule), **(overrides or {}), "gradient": rule, "seed": seed}
                 if epochs is not None:
                     options["epoch"] = epochs
                 options.setdefault("epoch", 300)
                 run_dir = out / "runs" / row.name / rule / f"seed{seed}"
                 runs.append(Run(row.name, rule, seed, run_dir, options))
     return runs
+
+
+def missing_networks(rows: Sequence[Row], models_folder: str | None = None) -> list[str]:
+    """"row: network" for every row whose network this feedalign cannot build."""
+    from feedalign.models import find_network
+
+    missing = []
+    for row in rows:
+        network = row.options.get("network", "mlp")
+        try:
+            find_network(network, models_folder or row.options.get("modelsFolder", "./Models/"))
+        except ValueError:
+            missing.append(f"{row.name}: {network}")
+    return missing
 
 
 def decide(run: Run) -> str:

@@ -50,7 +50,7 @@ def opt(default, help: str, **kw):
 class Options:
     # --- model (SPEC §2) ---
     modelsFolder: str = opt("./Models/", "folder searched for <network>.py model files")
-    network: str = opt("mlp", "network: mlp | conv (also mlp.lua, conv.lua) | a file in modelsFolder")
+    network: str = opt("mlp", "network: mlp | conv (also mlp.lua, conv.lua) | lenet | a file in modelsFolder")
     criterion: str = opt("bce", "loss: bce (binary cross-entropy) | ce (cross-entropy)")
     dropout: int = opt(0, "dropout: 0 off, 1 on; 2 = mlp: input dropout only, conv: conv-layer dropout only")
     batchnorm: int = opt(0, "batch normalization: 0 off, 1 on; 2 = conv: second conv only (mlp: none)")
@@ -110,6 +110,11 @@ class Options:
         "run the optimizer step as one torch.compile'd kernel (faster; "
         "compiles for ~20 s on first use; needs a C++ compiler on the CPU)",
     )
+    lr_milestones: str = opt(
+        "", "step LR schedule: epochs after which LR is multiplied by lr_gamma, e.g. 50,75 (empty = off)"
+    )
+    lr_gamma: float = opt(0.1, "LR factor applied at each of lr_milestones")
+    resize: int = opt(0, "resize images to resize×resize (bilinear) before preprocessing; 0 = as stored")
 
     def check(self) -> Options:
         """Refuse impossible values before any work starts (ValueError lists what is allowed)."""
@@ -146,6 +151,7 @@ class Options:
         for name, ok, allowed in ranges:
             if not ok:
                 raise OptionError(f"-{name} {getattr(self, name)!r} is not allowed; it must be {allowed}")
+        self._check_step_schedule()
         self._check_files_and_shapes()
         if self.type == "cuda":
             if not torch.cuda.is_available():
@@ -166,6 +172,19 @@ class Options:
         if self.error_at != "logits" and self.gradient != "dfa":
             raise OptionError("-error_at output only applies to -gradient dfa")
         return self
+
+    def _check_step_schedule(self) -> None:
+        """-lr_milestones parses as increasing positive epochs; -lr_gamma > 0; -resize >= 0."""
+        from feedalign.train.optim import parse_milestones
+
+        try:
+            parse_milestones(self.lr_milestones)
+        except ValueError as err:
+            raise OptionError(f"-lr_milestones: {err}") from None
+        if not self.lr_gamma > 0:
+            raise OptionError(f"-lr_gamma {self.lr_gamma!r} is not allowed; it must be > 0")
+        if self.resize < 0:
+            raise OptionError(f"-resize {self.resize!r} is not allowed; it must be 0 (off) or a size >= 1")
 
     def _check_files_and_shapes(self) -> None:
         """The network exists, fits the dataset's images, and -load names a file."""

@@ -87,6 +87,19 @@ class Stepper:
             self._lr_as_tensors()
 
 
+def parse_milestones(text: str) -> tuple[int, ...]:
+    """"50,75" -> (50, 75); "" -> (). Epochs must be positive integers, strictly increasing."""
+    if not text.strip():
+        return ()
+    try:
+        epochs = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"expected comma-separated epochs such as 50,75, got {text!r}") from None
+    if any(e < 1 for e in epochs) or list(epochs) != sorted(set(epochs)):
+        raise ValueError(f"epochs must be >= 1 and strictly increasing, got {text!r}")
+    return epochs
+
+
 class Schedule:
     """SPEC §4's LR schedule and stopping rules, driven by the epoch's training error.
 
@@ -94,12 +107,19 @@ class Schedule:
     epoch_step −1: constant LR; 0 ("auto"): stop once halved 8 times or m_t ≤ 1e-4,
     else halve when err_t ≥ m_t; k > 0: halve every k epochs. While epoch_step <
     epoch, also stop once m_t ≤ 1e-4 ("zero training error reached").
+
+    feedalign's step schedule (`milestones`, `gamma`; torch's MultiStepLR): after
+    epoch m of `milestones` the LR is multiplied by `gamma`, so epoch e (1-based)
+    trains at LR · gamma^#{m in milestones : m < e}. It composes with epoch_step
+    and with the optimizer's per-step LRDecay, which divides this LR.
     """
 
     ZERO = 1e-4
 
-    def __init__(self, lr: float, epoch_step: int, epochs: int) -> None:
+    def __init__(self, lr: float, epoch_step: int, epochs: int, *, milestones: tuple[int, ...] = (),
+                 gamma: float = 0.1) -> None:  # fmt: skip
         self.lr, self.epoch_step, self.epochs = lr, epoch_step, epochs
+        self.milestones, self.gamma = tuple(milestones), gamma
         self.smoothed = 1.0
         self.halvings = 0
 
@@ -116,6 +136,8 @@ class Schedule:
                 self._halve()
         elif self.epoch_step > 0 and epoch % self.epoch_step == 0:
             self._halve()
+        if epoch in self.milestones:
+            self.lr *= self.gamma
         if self.epoch_step < self.epochs and self.smoothed <= self.ZERO:
             return "zero training error reached"
         return None

@@ -28,7 +28,7 @@ from feedalign.train import checkpoint as ckpt
 from feedalign.train.config import OptionError, Options
 from feedalign.train.loop import Diverged, EpochState, Step, StopFlag, evaluate, train_epoch
 from feedalign.train.memory import keep_freed_memory
-from feedalign.train.optim import Schedule, Stepper
+from feedalign.train.optim import Schedule, Stepper, parse_milestones
 from feedalign.train.runlog import RunLog, default_run_dir, environment, write_json
 
 log = logging.getLogger("feedalign")
@@ -62,6 +62,7 @@ def load_data(opts: Options, device: torch.device, *, split: str = "test") -> Da
     train_x, test_x = prepare(
         train.images.to(device), test.images.to(device), dataset=opts.dataset, validate=opts.validate,
         format=opts.format, whiten=opts.whiten, normalization=opts.normalization, cache_dir=opts.preProcDir,
+        resize=opts.resize,
     )  # fmt: skip
     return Data(train_x, train.labels.to(device), test_x, test.labels.to(device), list(train.classes))
 
@@ -135,7 +136,8 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     criterion = make_criterion(opts.criterion)
     dist.check_same_feedback(rt, feedback(model))
     stepper = Stepper(model.parameters(), opts)
-    schedule = Schedule(opts.LR, opts.epoch_step, opts.epoch)
+    schedule = Schedule(opts.LR, opts.epoch_step, opts.epoch, milestones=parse_milestones(opts.lr_milestones),
+                        gamma=opts.lr_gamma)  # fmt: skip
     first_epoch, state = 1, EpochState()
     if saved is not None:
         model.load_state_dict(saved["model"])
