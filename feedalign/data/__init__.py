@@ -1,4 +1,4 @@
-"""Datasets by the original's names (SPEC §5), read from their official files.
+"""Datasets by the original's names (docs/original.md §5), read from their official files.
 
     train, test = load_dataset("Cifar10", "./Datasets", validate=False)
     train.images  # (50000, 3, 32, 32) uint8;  train.labels  # (50000,) int64
