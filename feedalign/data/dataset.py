@@ -54,17 +54,15 @@ def _read(info: DatasetInfo, datapath: Path, split: str) -> RawSplit:
         raw = info.reader(folder, info.splits[split], split)
         if len(raw.labels) == 0:
             raise DatasetError(f"{info.name} {split} files in {folder}: they hold no images")
+        if raw.images.shape[1:] != info.shape:
+            raise DatasetError(f"{info.name} {split} files in {folder}: images of shape "
+                               f"{raw.images.shape[1:]}, expected {info.shape}")  # fmt: skip
     except DatasetError as err:
         # The reader names the file and the fault; say what to do about it.
         raise DatasetError(
             f"{err}. Fetch the official files again with {download_hint(info, datapath, force=True)} "
             f"(it replaces a file only once the new copy verifies), or delete the file and download it"
         ) from err
-    if raw.images.shape[1:] != info.shape:
-        raise DatasetError(
-            f"{info.name} {split} files in {folder}: images of shape {raw.images.shape[1:]}, "
-            f"expected {info.shape}; are these {info.name}'s files?"
-        )
     if split in info.sizes and len(raw.labels) != info.sizes[split]:
         log.warning("%s %s: %d images, the official files hold %d", info.name, split,
                     len(raw.labels), info.sizes[split])  # fmt: skip
