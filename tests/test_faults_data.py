@@ -6,6 +6,7 @@ had is lost or changed unless the user asked for it (`--force`, a cache rewrite)
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import errno
 import gzip
@@ -17,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from test_data import write_cifar10, write_mnist  # tests/ is on sys.path under pytest
-from test_download import cifar_archive, md5, pin, server  # noqa: F401 (server: a fixture)
+from test_download import cifar_archive, free_port, md5, pin, server  # noqa: F401 (server: a fixture)
 
-from feedalign.data import DatasetError, check_paths, load_dataset
+from feedalign.data import DATASETS, DatasetError, check_paths, load_dataset
 from feedalign.data.download import ChecksumError, DownloadError, download, register
 from feedalign.preprocess import cache, cache_path, prepare
 
@@ -200,20 +201,21 @@ def served_mnist(served: Path, tmp_path: Path, monkeypatch) -> list[Path]:
     files = sorted((tmp_path / "src" / "MNIST").iterdir())
     for f in files:
         (served / f.name).write_bytes(f.read_bytes())
-    pin(monkeypatch, "MNIST", [md5(served / r.filename) for r in download_remotes("MNIST")])
+    pin(monkeypatch, "MNIST", [md5(served / r.filename) for r in DATASETS["MNIST"].remotes])
     return files
-
-
-def download_remotes(name: str):
-    from feedalign.data import DATASETS
-
-    return DATASETS[name].remotes
 
 
 def corrupt(path: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     path.write_bytes(bytes(raw))
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="feedalign")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 def test_download_names_a_corrupt_file_in_place_and_changes_nothing(server, tmp_path, monkeypatch):  # noqa: F811
@@ -236,15 +238,6 @@ def test_download_names_a_corrupt_file_in_place_and_changes_nothing(server, tmp_
     load_dataset("MNIST", datapath)
 
 
-def run_cli(argv: list[str]) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="feedalign")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 def test_force_keeps_the_old_file_until_the_new_one_verifies(server, tmp_path, monkeypatch):  # noqa: F811
     served, url = server
     served_mnist(served, tmp_path, monkeypatch)
@@ -256,18 +249,10 @@ def test_force_keeps_the_old_file_until_the_new_one_verifies(server, tmp_path, m
     with pytest.raises(ChecksumError, match="train-labels-idx1-ubyte.gz: MD5 is .* nothing was installed"):
         download("MNIST", datapath, base_url=url, force=True)
     assert snapshot(datapath) == before  # old file kept, no temporaries left
-    dead = f"http://127.0.0.1:{_closed_port()}/"
+    dead = f"http://127.0.0.1:{free_port()}/"  # nothing listens there
     with pytest.raises(DownloadError, match="could not fetch"):
         download("MNIST", datapath, base_url=dead, force=True)
     assert snapshot(datapath) == before
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_force_replaces_an_unpacked_archive_only_after_it_verifies(server, tmp_path, monkeypatch):  # noqa: F811
