@@ -1,4 +1,4 @@
-"""Preprocessing (SPEC §5): format, normalisations, ZCA, the cache and augmentation."""
+"""Preprocessing (docs/original.md §5): format, normalisations, ZCA, the cache and augmentation."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from feedalign.preprocess import (
     prepare,
     rgb2yuv,
 )
+from feedalign.preprocess.zca import zca_shapes
 
 
 def correlated_images(n: int, seed: int = 0, shape=(3, 4, 4)) -> torch.Tensor:
@@ -85,6 +86,20 @@ def test_normalizations_fit_on_train_apply_to_test(tmp_path):
     x, y = run(train, test, tmp_path, normalization="image")
     assert torch.allclose(y, ((te - tr.mean(0)) / tr.std(0)).float(), atol=1e-5)
     assert torch.allclose(x.mean(0), torch.zeros(3, 4, 4), atol=1e-5)
+
+
+def test_declared_constant_shapes_are_what_fit_returns():
+    """A cache is checked against these shapes: they must be what each method fits."""
+    x = correlated_images(30).float()  # (30, 3, 4, 4)
+    expected = {"scale": (), "simple": (1, 1, 1, 1), "channel": (1, 3, 1, 1), "image": (1, 3, 4, 4)}
+    assert tuple(NORMALIZATIONS) == tuple(expected)  # the one list of allowed names
+    for name, method in NORMALIZATIONS.items():
+        assert method.shape((3, 4, 4)) == expected[name]
+        constants = method.fit(x)
+        assert {k: (tuple(v.shape), v.dtype) for k, v in constants.items()} == {
+            "shift": (expected[name], torch.float64), "divisor": (expected[name], torch.float64)}  # fmt: skip
+    assert zca_shapes((3, 4, 4)) == {"mean": (48,), "P": (48, 48)}
+    assert {k: tuple(v.shape) for k, v in fit_zca(x).items()} == zca_shapes((3, 4, 4))
 
 
 def test_constant_pixels_do_not_divide_by_zero(tmp_path):
@@ -184,9 +199,9 @@ def test_corrupt_cache_is_refitted(tmp_path, caplog, damage):
         torch.save({"mean": torch.full((48,), float("nan"))}, path)
     with caplog.at_level(logging.WARNING):
         again = run(train, train, tmp_path, whiten=True)[0]
-    assert "refitting" in caplog.text
+    assert "recomputing" in caplog.text and str(path) in caplog.text
     assert torch.allclose(again, good)
-    assert set(torch.load(path, weights_only=True)) == {"mean", "P"}  # rewritten
+    assert set(torch.load(path, weights_only=True)["constants"]) == {"mean", "P"}  # rewritten
 
 
 # ------------------------------------------------------------ augmentation

@@ -1,4 +1,4 @@
-"""`load_dataset`: a dataset's training and test splits as uint8 tensors (SPEC §5)."""
+"""`load_dataset`: a dataset's training and test splits as uint8 tensors (docs/original.md §5)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from feedalign.data.formats import DatasetError, RawSplit, concat
+from feedalign.data.paths import check_files, download_hint, needed_files
 from feedalign.data.registry import DatasetInfo, get_dataset
 
 log = logging.getLogger(__name__)
@@ -47,26 +48,21 @@ class Split:
         )
 
 
-def _missing_message(info: DatasetInfo, folder: Path, path: Path) -> str:
-    datapath = folder.parent
-    return (
-        f"{info.name}: file {path} not found. Run `feedalign download {info.name} "
-        f"--datapath {datapath}`, or place the official files (as their archives "
-        f"unpack) in {folder}/"
-    )
-
-
-def _read(info: DatasetInfo, folder: Path, split: str) -> RawSplit:
-    files = info.splits[split]
-    for name in files:
-        if not (folder / name).is_file():
-            raise DatasetError(_missing_message(info, folder, folder / name))
-    raw = info.reader(folder, files, split)
-    if raw.images.shape[1:] != info.shape:
+def _read(info: DatasetInfo, datapath: Path, split: str) -> RawSplit:
+    folder = datapath / info.folder
+    try:
+        raw = info.reader(folder, info.splits[split], split)
+        if len(raw.labels) == 0:
+            raise DatasetError(f"{info.name} {split} files in {folder}: they hold no images")
+        if raw.images.shape[1:] != info.shape:
+            raise DatasetError(f"{info.name} {split} files in {folder}: images of shape "
+                               f"{raw.images.shape[1:]}, expected {info.shape}")  # fmt: skip
+    except DatasetError as err:
+        # The reader names the file and the fault; say what to do about it.
         raise DatasetError(
-            f"{info.name} {split} files in {folder}: images of shape {raw.images.shape[1:]}, "
-            f"expected {info.shape}"
-        )
+            f"{err}. Fetch the official files again with {download_hint(info, datapath, force=True)} "
+            f"(it replaces a file only once the new copy verifies), or delete the file and download it"
+        ) from err
     if split in info.sizes and len(raw.labels) != info.sizes[split]:
         log.warning("%s %s: %d images, the official files hold %d", info.name, split,
                     len(raw.labels), info.sizes[split])  # fmt: skip
@@ -98,16 +94,20 @@ def load_dataset(
 ) -> tuple[Split, Split]:
     """(train, test) splits of dataset `name` (case-insensitive) from `<datapath>/<Name>/`.
 
-    validate: SPEC §5 -- the last `n_validation` training images (10k; STL10 1k,
+    Raises DatasetError (naming the file, the fault and what to do) for a missing,
+    unreadable or malformed file.
+
+    validate: docs/original.md §5 -- the last `n_validation` training images (10k; STL10 1k,
         digits 300) become the test split and training uses the rest.
-    svhn_extra: SVHN trains on train + extra (604,388 images), as SPEC §5 says;
+    svhn_extra: SVHN trains on train + extra (604,388 images), as docs/original.md §5 says;
         False uses train only. Ignored for other datasets.
     """
     info = get_dataset(name)
-    folder = Path(datapath) / info.folder
-    parts = [_read(info, folder, "train")]
+    datapath = Path(datapath)
+    check_files(info, datapath, needed_files(info, validate=validate, svhn_extra=svhn_extra))
+    parts = [_read(info, datapath, "train")]
     if svhn_extra and "extra" in info.splits:
-        parts.append(_read(info, folder, "extra"))
+        parts.append(_read(info, datapath, "extra"))
     train = _to_split(concat(parts), info)
     if validate:
         n_val = info.n_validation
@@ -116,7 +116,7 @@ def load_dataset(
         test = train.subset(slice(len(train) - n_val, None))
         train = train.subset(slice(0, len(train) - n_val))
     else:
-        test = _to_split(_read(info, folder, "test"), info)
+        test = _to_split(_read(info, datapath, "test"), info)
     log.info("%s: %d training / %d %s images of shape %s", info.name, len(train), len(test),
              "validation" if validate else "test", tuple(info.shape))  # fmt: skip
     return train, test

@@ -1,4 +1,4 @@
-"""One reader per official file format (SPEC §5), each returning uint8 NCHW arrays.
+"""One reader per official file format (docs/original.md §5), each returning uint8 NCHW arrays.
 
 Every reader reads whole files and reshapes them with numpy (no per-sample Python)
 and turns any malformed content into a `DatasetError` that names the file and
@@ -12,6 +12,7 @@ A reader has the signature `reader(folder, files, split) -> RawSplit` where
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,11 @@ import numpy as np
 
 
 class DatasetError(ValueError):
-    """A dataset file is missing or malformed; the message names the file."""
+    """A dataset file or data folder is missing, unreadable or malformed.
+
+    The message names the path, what is wrong with it and what to do; the command
+    line prints it as one line, without a traceback.
+    """
 
 
 @dataclass
@@ -51,7 +56,9 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise DatasetError(f"{path}: cannot be read ({err})") from err
+        raise DatasetError(
+            f"{path}: cannot be read ({err.strerror or err}); check that it is a file you may read"
+        ) from err
 
 
 def _check_labels(path: Path, labels: np.ndarray, lo: int, hi: int) -> None:
@@ -85,12 +92,16 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
         )
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     header = 4 + 4 * ndim
-    expected = int(np.prod(dims))
+    # math.prod of Python ints is exact: np.prod would wrap around at 2**63 and could
+    # let a header of absurd sizes pass this check.
+    expected = math.prod(dims)
     if len(raw) - header != expected:
         raise DatasetError(
             f"{path}: header announces {dims[0]} records of shape {dims[1:]} "
             f"({expected} bytes) but the file holds {len(raw) - header} bytes"
         )
+    if dims[0] == 0:
+        raise DatasetError(f"{path}: a well-formed idx file that holds 0 records")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 

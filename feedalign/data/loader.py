@@ -1,6 +1,6 @@
 """`EpochLoader`: mini-batches by indexing tensors that already sit on the device.
 
-SPEC §4: shuffle the training set each epoch and take batches in order; the last
+docs/original.md §4: shuffle the training set each epoch and take batches in order; the last
 batch may be smaller. The permutation is a pure function of (seed, epoch) --
 drawn by a generator on the tensors' device -- so a run resumed at epoch k sees
 exactly the batches it would have seen (CPU and CUDA draw different permutations
@@ -27,7 +27,7 @@ class EpochLoader:
     """Iterate (x, y) batches of `images` (N, ...) float and `labels` (N,) for one epoch.
 
     shuffle: a new permutation each epoch (set with `set_epoch`); else in order.
-    augment: crop/flip/rescale each batch (SPEC §5) with a generator derived from
+    augment: crop/flip/rescale each batch (docs/original.md §5) with a generator derived from
         (seed, epoch, rank).
     rank, world_size: this process's shard (see the module docstring).
     drop_last: drop the last, smaller batch (and truncate instead of pad the shards).

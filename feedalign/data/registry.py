@@ -8,7 +8,7 @@ case-insensitively and lists the valid names when it is unknown. Files lie under
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from feedalign.data import formats
@@ -22,8 +22,7 @@ class Remote:
     """One official download: a plain file, or a .tar.gz unpacked into the folder."""
 
     url: str  # the official address
-    md5: str | None = None  # as published by the data set's authors
-    sha256: str | None = None  # pinned here where no MD5 is published
+    md5: str  # as published by the data set's authors
     provides: str = ""  # path (relative to the folder) the download installs
     unpack: bool = False  # a tar archive whose top folder is `provides`
 
@@ -43,12 +42,8 @@ class DatasetInfo:
     sizes: dict[str, int]  # official number of images per split (documentation, logs)
     remotes: tuple[Remote, ...] = ()  # empty: bundled, nothing to download
     coarse_classes: tuple[str, ...] | None = None
-    # `validate=True` holds out the last n_validation training images (SPEC §5: 10k).
+    # `validate=True` holds out the last n_validation training images (docs/original.md §5: 10k).
     n_validation: int = 10_000
-    notes: str = field(default="", compare=False)
-
-    def files(self) -> list[str]:
-        return [f for names in self.splits.values() for f in names]
 
 
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -179,7 +174,7 @@ DATASETS: dict[str, DatasetInfo] = {
             name="SVHN",
             folder="SVHN",
             reader=formats.read_svhn_split,
-            # SPEC §5: training uses train + extra (unless load_dataset(svhn_extra=False)).
+            # docs/original.md §5: training uses train + extra (unless load_dataset(svhn_extra=False)).
             splits={
                 "train": ("train_32x32.mat",),
                 "extra": ("extra_32x32.mat",),
@@ -240,7 +235,6 @@ DATASETS: dict[str, DatasetInfo] = {
             # Hold out the last 300 training images: the size of its test split, as
             # 10k is for MNIST and CIFAR.
             n_validation=300,
-            notes="scikit-learn's 8x8 digits: a seconds-long smoke test, no download",
         ),
     ]
 }

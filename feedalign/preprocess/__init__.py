@@ -1,4 +1,4 @@
-"""Preprocessing (SPEC §5): format, whitening or normalisation, augmentation.
+"""Preprocessing (docs/original.md §5): format, whitening or normalisation, augmentation.
 
 train_x, test_x = prepare(train.images, test.images, dataset="Cifar10",
                           validate=False, whiten=True)

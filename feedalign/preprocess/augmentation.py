@@ -1,4 +1,4 @@
-"""Training-set augmentation (SPEC §5), batched on the input's device.
+"""Training-set augmentation (docs/original.md §5), batched on the input's device.
 
 Per image: crop a random square of side H - s, s uniform in {0..8}, at a uniform
 random offset; flip it horizontally with p = 0.5; rescale it back to H x W
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MAX_SHRINK = 8  # SPEC §5: s ~ {0..8}
+MAX_SHRINK = 8  # docs/original.md §5: s ~ {0..8}
 
 
 def crop_flip_resize(
@@ -59,7 +59,7 @@ def augment(x: torch.Tensor, generator: torch.Generator, *, max_shrink: int = MA
     """A randomly cropped, flipped and rescaled copy of x (N, C, H, W), float.
 
     `generator` must live on x's device; the draws depend only on its state.
-    SPEC §5 shrinks a 32×32 image by s ≤ 8 pixels (at most a quarter); other sizes
+    docs/original.md §5 shrinks a 32×32 image by s ≤ 8 pixels (at most a quarter); other sizes
     keep that proportion: s ≤ round(max_shrink · min(H, W) / 32), at least 1 pixel
     short of the whole image (MNIST 28×28: 7; digits 8×8: 2; STL-10 96×96: 24).
     """

@@ -1,4 +1,4 @@
-"""The four `normalization` methods of SPEC §5, each a fit and an apply.
+"""The four `normalization` methods of docs/original.md §5, each a fit and an apply.
 
 `fit` sees the training tensor (N, C, H, W) float32 and returns its constants as a
 dict of float64 tensors (what the cache stores); `apply` maps any split with them,
@@ -68,14 +68,21 @@ def apply_normalization_(x: torch.Tensor, c: Constants) -> torch.Tensor:
     return x.sub_(shift).div_(divisor)
 
 
+Shape = tuple[int, ...]
+
+
 class Method(NamedTuple):
     fit: Callable[[torch.Tensor], Constants]
     apply: Callable[[torch.Tensor, Constants], torch.Tensor]
+    # (C, H, W) of the images -> the shape of both constants, as `fit` returns them
+    # (what a cached file must hold).
+    shape: Callable[[Shape], Shape]
 
 
+# The methods by name: the one list of allowed `normalization` values.
 NORMALIZATIONS: dict[str, Method] = {
-    "scale": Method(_fit_scale, apply_normalization_),
-    "simple": Method(_fit_simple, apply_normalization_),
-    "channel": Method(_fit_channel, apply_normalization_),
-    "image": Method(_fit_image, apply_normalization_),
+    "scale": Method(_fit_scale, apply_normalization_, lambda chw: ()),
+    "simple": Method(_fit_simple, apply_normalization_, lambda chw: (1, 1, 1, 1)),
+    "channel": Method(_fit_channel, apply_normalization_, lambda chw: (1, chw[0], 1, 1)),
+    "image": Method(_fit_image, apply_normalization_, lambda chw: (1, *chw)),
 }

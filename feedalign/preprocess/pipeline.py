@@ -1,4 +1,4 @@
-"""`prepare`: a dataset's uint8 images -> the float tensors the network sees (SPEC §5).
+"""`prepare`: a dataset's uint8 images -> the float tensors the network sees (docs/original.md §5).
 
     format (rgb | yuv) -> whiten (ZCA)  or  normalization (scale | simple | channel | image)
 
@@ -16,11 +16,11 @@ import torch
 from feedalign.preprocess.cache import cached, fingerprint
 from feedalign.preprocess.normalize import NORMALIZATIONS
 from feedalign.preprocess.yuv import rgb2yuv
-from feedalign.preprocess.zca import apply_zca, fit_zca
+from feedalign.preprocess.zca import apply_zca, fit_zca, zca_shapes
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("rgb", "yuv")
+FORMATS = ("rgb", "yuv")  # the one list of allowed `format` values
 
 
 def _convert(images: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -89,9 +89,10 @@ def prepare(
     test = _convert(test_images, format)
     if resize:
         train, test = resize_images(train, resize), resize_images(test, resize)
+    chw = tuple(train.shape[1:])
     if whiten:
-        constants = cached(path, ("mean", "P"), lambda: fit_zca(train))
+        constants = cached(path, zca_shapes(chw), lambda: fit_zca(train))
         return apply_zca(train, constants), apply_zca(test, constants)
-    fit, apply_ = NORMALIZATIONS[normalization]
-    constants = cached(path, ("shift", "divisor"), lambda: fit(train))
+    fit, apply_, shape = NORMALIZATIONS[normalization]
+    constants = cached(path, {"shift": shape(chw), "divisor": shape(chw)}, lambda: fit(train))
     return apply_(train, constants), apply_(test, constants)

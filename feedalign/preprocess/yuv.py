@@ -1,4 +1,4 @@
-"""RGB -> YUV, as Torch7's `image.rgb2yuv` (SPEC §5, `format = yuv`).
+"""RGB -> YUV, as Torch7's `image.rgb2yuv` (docs/original.md §5, `format = yuv`).
 
 The analogue BT.601 matrix, applied per pixel to the raw 0-255 values:
 

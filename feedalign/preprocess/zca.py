@@ -1,4 +1,4 @@
-"""ZCA whitening (SPEC §5, `whiten`), fitted on the raw 0-255 pixel values.
+"""ZCA whitening (docs/original.md §5, `whiten`), fitted on the raw 0-255 pixel values.
 
     mean = E[x]                                   (D,)     D = C * H * W
     cov  = (x - mean)^T (x - mean) / (N - 1)      (D, D)   float64
@@ -18,6 +18,12 @@ import torch
 
 EPSILON = 1e-5  # added to every eigenvalue (pixel values in 0..255)
 CHUNK = 8192  # samples per float64 block
+
+
+def zca_shapes(chw: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the constants `fit_zca` returns for images of shape (C, H, W)."""
+    d = chw[0] * chw[1] * chw[2]
+    return {"mean": (d,), "P": (d, d)}
 
 
 def fit_zca(x: torch.Tensor, epsilon: float = EPSILON) -> dict[str, torch.Tensor]:
