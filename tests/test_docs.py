@@ -29,8 +29,6 @@ OUTSIDE = ("STYLE §", "ORIGINAL_README", "../shared/")
 NOT_YET_REWRITTEN = {
     ("feedalign/train/config.py", "ORIGINAL_README"),
     ("feedalign/train/runlog.py", "STYLE §"),
-    ("feedalign/reproduce/__init__.py", "../shared/"),
-    ("feedalign/experiments/README.md", "../shared/"),
     ("tests/conftest.py", "../shared/"),
     ("bench/data_share.py", "../shared/"),
     ("bench/ddp_throughput.py", "../shared/"),
