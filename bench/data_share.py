@@ -1,8 +1,8 @@
 """The data path's share of a training epoch: batching (shuffle + index) and, with
 --augment, augmentation, against the whole epoch of the paper's dfa MNIST mlp.
 
-    python bench/data_share.py --datapath ../shared/data            # MNIST, 2×800 dfa
-    python bench/data_share.py --datapath ../shared/data --dataset Cifar10 --network conv --augment
+    python bench/data_share.py --datapath DATA            # MNIST, 2×800 dfa
+    python bench/data_share.py --datapath DATA --dataset Cifar10 --network conv --augment
 
 Times one full epoch of the loader alone (every batch produced, nothing trained),
 then one epoch of training over the same loader; medians over --rounds.
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--dataset", default="MNIST", help="dataset (default MNIST)")
     p.add_argument("--network", default="mlp", help="mlp | conv (default mlp)")
     p.add_argument("--gradient", default="dfa", help="bp | fa | dfa (default dfa)")
-    p.add_argument("--augment", action="store_true", help="augment each batch (SPEC §5)")
+    p.add_argument("--augment", action="store_true", help="augment each batch (docs/original.md §5)")
     p.add_argument("--max-batches", type=int, default=0, help="stop epochs early (0 = full epoch)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

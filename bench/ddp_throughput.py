@@ -1,8 +1,8 @@
 """One epoch of `feedalign train` in one process against the same epoch split over
 N processes with torchrun (gloo on CPU, nccl on GPU), same global batch.
 
-    python bench/ddp_throughput.py --datapath ../shared/data                 # MNIST 2×800 dfa, CPU
-    python bench/ddp_throughput.py --datapath ../shared/data --type cuda --nproc 2
+    python bench/ddp_throughput.py --datapath DATA                 # MNIST 2×800 dfa, CPU
+    python bench/ddp_throughput.py --datapath DATA --type cuda --nproc 2
 
 Training samples per second come from each run's metrics.jsonl (`seconds` is
 the epoch's training time, evaluation excluded), median over --rounds.

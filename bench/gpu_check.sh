@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path in one prepared run: GPU tests, then epoch times of the paper's
 # CIFAR-10 conv net (bp, fa, dfa; whitened) and of the MNIST 2×800 mlp, on one GPU.
-#   DATAPATH=../shared/data bash bench/gpu_check.sh [OUTDIR]
+#   DATAPATH=DATA bash bench/gpu_check.sh [OUTDIR]
 # Needs a CUDA build of torch and the datasets under $DATAPATH (MNIST/, Cifar10/).
 set -euo pipefail
 DATAPATH=${DATAPATH:-./Datasets}

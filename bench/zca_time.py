@@ -1,7 +1,7 @@
-"""Time to fit ZCA whitening on CIFAR-10's 50,000 × 3,072 training set (SPEC §5),
+"""Time to fit ZCA whitening on CIFAR-10's 50,000 × 3,072 training set (docs/original.md §5),
 and to reuse the cached constants.
 
-    python bench/zca_time.py --datapath ../shared/data
+    python bench/zca_time.py --datapath DATA
 """
 
 from __future__ import annotations

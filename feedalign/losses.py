@@ -1,4 +1,4 @@
-"""Losses with SPEC §3's gradient semantics.
+"""Losses with docs/original.md §3's gradient semantics.
 
 bce (default): sigmoid on the logits, binary cross-entropy against the one-hot
     target. The reported value is the mean over batch × classes (as the

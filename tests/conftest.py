@@ -1,4 +1,4 @@
-"""Shared fixtures: the real datasets in ../shared/data, where present."""
+"""Shared fixtures: the real datasets (MNIST, FashionMNIST, Cifar10, official formats), where present."""
 
 from __future__ import annotations
 

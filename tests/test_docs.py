@@ -29,11 +29,6 @@ OUTSIDE = ("STYLE §", "ORIGINAL_README", "../shared/")
 NOT_YET_REWRITTEN = {
     ("feedalign/train/config.py", "ORIGINAL_README"),
     ("feedalign/train/runlog.py", "STYLE §"),
-    ("tests/conftest.py", "../shared/"),
-    ("bench/data_share.py", "../shared/"),
-    ("bench/ddp_throughput.py", "../shared/"),
-    ("bench/zca_time.py", "../shared/"),
-    ("bench/gpu_check.sh", "../shared/"),
 }
 
 

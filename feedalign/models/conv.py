@@ -1,4 +1,4 @@
-"""The paper's `conv` network (SPEC §2), for any C×H×W input (the original: 3×32×32).
+"""The paper's `conv` network (docs/original.md §2), for any C×H×W input (the original: 3×32×32).
 
     [Dropout(0.1) if dropout == 1]
     Conv(C->96)   [BN] nonlin [Dropout(0.25) if dropout in {1,2}] MaxPool(3, 2)

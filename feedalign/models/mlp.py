@@ -1,4 +1,4 @@
-"""The paper's permutation-invariant `mlp` (SPEC §2).
+"""The paper's permutation-invariant `mlp` (docs/original.md §2).
 
 [Dropout(0.1)                 if dropout >= 1]
 num_layers × ( Linear -> [BatchNorm1d if batchnorm == 1] -> nonlin
