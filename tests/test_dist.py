@@ -17,9 +17,10 @@ from torch import nn
 import feedalign
 from feedalign import dist
 from feedalign.data import EpochLoader
+from feedalign.train import checkpoint as ckpt
 from feedalign.train.config import Options
-from feedalign.train.loop import SYNC_EVERY, EpochState, Step, StopFlag, train_epoch
-from feedalign.train.optim import Schedule, Stepper
+from feedalign.train.loop import SYNC_EVERY, EpochState, StopFlag, TrainingStep, train_epoch
+from feedalign.train.optim import Optimizer, Schedule
 
 
 def _free_port() -> int:
@@ -55,7 +56,7 @@ def _train_k_steps(rt, criterion, rule, batch, k, out, seed_offset):
     dist.check_same_feedback(rt, feedalign.feedback(model))
     ddp = dist.wrap(model, rt, batch_reduction=getattr(crit, "batch_reduction", "mean"))
     opts = Options(optimization="sgd", LR=0.05, type="float")
-    step = Step(ddp, crit, Stepper(model.parameters(), opts), Schedule(0.05, -1, 1))
+    step = TrainingStep(ddp, crit, Optimizer(model.parameters(), opts), Schedule(0.05, -1, 1))
     loader = EpochLoader(x, y, batch, seed=3, rank=rt.rank, world_size=rt.world_size)
     loader.set_epoch(1)
     for i, (xb, yb) in enumerate(loader):
@@ -119,12 +120,12 @@ def test_only_rank_zero_writes_and_a_distributed_run_resumes(tmp_path):
     assert not (tmp_path / "run_rank1").exists()
     env = json.loads((tmp_path / "run_rank0" / "env.json").read_text())
     assert env["world_size"] == 2
-    ref = torch.load(tmp_path / "run_rank0" / "checkpoint.pt", weights_only=True)["model"]
+    ref = ckpt.load(tmp_path / "run_rank0" / "checkpoint.pt")["model"]
     # interrupt at a sync point of epoch 2 (the ranks agree there), then resume
     mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, (2, SYNC_EVERY), False), nprocs=2)
     assert (tmp_path / "interrupted0").exists() and (tmp_path / "interrupted1").exists()
     mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, None, True), nprocs=2)
-    got = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    got = ckpt.load(tmp_path / "run" / "checkpoint.pt")["model"]
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -144,7 +145,7 @@ def test_batch_loop_reads_the_host_only_at_sync_points(monkeypatch):
     x, y = torch.randn(64 * 100, 10, generator=g), torch.randint(0, 4, (6400,), generator=g)
     model = feedalign.build_model("mlp", (10,), 4, gradient="dfa", num_hidden=8, seed=0)
     opts = Options(type="float")
-    step = Step(model, feedalign.BCE(), Stepper(model.parameters(), opts), Schedule(1e-4, -1, 1))
+    step = TrainingStep(model, feedalign.BCE(), Optimizer(model.parameters(), opts), Schedule(1e-4, -1, 1))
     loader = EpochLoader(x, y, 64, seed=0)
     loader.set_epoch(1)
     reads = {"n": 0}
@@ -168,8 +169,8 @@ def test_cuda_epoch_has_no_hidden_synchronisation():
     device = torch.device("cuda")
     x, y = torch.randn(6400, 1, 28, 28, device=device), torch.randint(0, 10, (6400,), device=device)
     model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient="dfa", seed=0).to(device)
-    step = Step(
-        model, feedalign.BCE(), Stepper(model.parameters(), Options(type="cuda")), Schedule(1e-4, -1, 1)
+    step = TrainingStep(
+        model, feedalign.BCE(), Optimizer(model.parameters(), Options(type="cuda")), Schedule(1e-4, -1, 1)
     )
     loader = EpochLoader(x, y, 64, seed=0, augment=False)
     loader.set_epoch(1)

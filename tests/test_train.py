@@ -19,9 +19,10 @@ from torch import nn
 
 import feedalign
 from feedalign.cli import build_parser
+from feedalign.train import checkpoint as ckpt
 from feedalign.train.cli import options_from_args
 from feedalign.train.config import OptionError, Options
-from feedalign.train.loop import Diverged, Step
+from feedalign.train.loop import Diverged, TrainingStep
 from feedalign.train.optim import Schedule, max_norm_
 from feedalign.train.session import Interrupted, evaluate_run, train
 
@@ -140,7 +141,7 @@ def test_schedule_fixed_steps_constant_and_zero_error_stop():
 
 
 class Recorder:
-    """A Stepper stand-in that records the gradients it would apply."""
+    """A Optimizer stand-in that records the gradients it would apply."""
 
     def __init__(self, model):
         self.model, self.grads, self.steps = model, None, 0
@@ -168,7 +169,7 @@ def test_adversarial_step(rule, acc):
     x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     model, crit = _small(rule), feedalign.BCE()
     rec = Recorder(model)
-    Step(model, crit, rec, Schedule(0.1, -1, 1), eps=0.1, acc_gradient=bool(acc))(x, y)
+    TrainingStep(model, crit, rec, Schedule(0.1, -1, 1), eps=0.1, acc_gradient=bool(acc))(x, y)
     # expected, by hand: true back-prop input gradient, then the rule on x + eps·sign
     rec.zero_grad()
     xg = x.clone().requires_grad_()
@@ -198,13 +199,13 @@ def test_max_norm_limits_hold():
             assert p.abs().max() > 1  # biases untouched
     # in the loop: the step uses renormalised weights, so after a tiny sgd step the limit holds
     opts = Options(optimization="sgd", LR=1e-9, type="float")
-    from feedalign.train.optim import Stepper
+    from feedalign.train.optim import Optimizer
 
     model2 = _small("bp")
     with torch.no_grad():
         for p in model2.parameters():
             p.mul_(50)
-    step = Step(model2, feedalign.BCE(), Stepper(model2.parameters(), opts), Schedule(1e-9, -1, 1),
+    step = TrainingStep(model2, feedalign.BCE(), Optimizer(model2.parameters(), opts), Schedule(1e-9, -1, 1),
                 max_out=2.0, max_in=1.0)  # fmt: skip
     step(torch.randn(4, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 0]))
     for p in model2.parameters():
@@ -213,7 +214,7 @@ def test_max_norm_limits_hold():
 
 
 def test_bias_zero_and_loss_gradient_semantics_end_to_end():
-    from feedalign.train.optim import Stepper
+    from feedalign.train.optim import Optimizer
 
     torch.manual_seed(0)
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0])
@@ -225,8 +226,8 @@ def test_bias_zero_and_loss_gradient_semantics_end_to_end():
         onehot = F.one_hot(y, 3).double()
         e = torch.sigmoid(logits) - onehot if criterion == "bce" else (torch.softmax(logits, 1) - onehot) / 5
         opts = Options(optimization="sgd", LR=0.5, type="float")
-        step = Step(model, feedalign.make_criterion(criterion), Stepper(model.parameters(), opts),
-                    Schedule(0.5, -1, 1), bias=False)  # fmt: skip
+        step = TrainingStep(model, feedalign.make_criterion(criterion), Optimizer(model.parameters(), opts),
+                    Schedule(0.5, -1, 1), train_biases=False)  # fmt: skip
         step(x, y)
         torch.testing.assert_close(model[0].weight, w0 - 0.5 * e.detach().T @ x)
         assert model[0].bias.abs().sum() == 0
@@ -257,15 +258,19 @@ def test_run_directory_contents_and_eval(tmp_path):
     assert rows[-1]["train_error"] < rows[0]["train_error"]  # it learns
     log = (run / "ErrorRate.log").read_text().splitlines()
     assert log[0] == "Training Error\tTest Error" and len(log) == 4
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 3 and "dfa_output.feedback" in ckpt["model"]
+    saved = _checkpoint(run)
+    assert saved["epoch"] == 3 and "dfa_output.feedback" in saved["model"]
     assert json.loads((run / "finished.json").read_text())["epochs"] == 3
     error, loss = evaluate_run(run)
     assert error == pytest.approx(rows[-1]["test_error"]) and loss == pytest.approx(rows[-1]["test_loss"])
 
 
+def _checkpoint(run: Path) -> dict:
+    return ckpt.load(run / "checkpoint.pt")
+
+
 def _weights(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    return _checkpoint(run)["model"]
 
 
 @pytest.mark.parametrize("stop_at", [(2, 7), (1, 24)])  # mid-epoch, and the last batch of an epoch
@@ -310,7 +315,7 @@ def test_nan_stops_with_epoch_and_batch_and_keeps_last_good_checkpoint(tmp_path,
     with pytest.raises(Diverged, match=r"nan at batch \d+ of epoch 2.*last good checkpoint is kept"):
         train(digits_opts(tmp_path))
     run = tmp_path / "run"
-    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert _checkpoint(run)["epoch"] == 1
     assert torch.isfinite(_weights(run)["1.weight"]).all()
     assert not (run / "finished.json").exists()
 
@@ -336,7 +341,7 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130, out
     assert f"feedalign train --resume {run}" in out
-    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state = _checkpoint(run)
     assert state["epoch"] >= 1
     assert not [p for p in os.listdir(run) if ".tmp" in p]
     resume = [
@@ -407,12 +412,12 @@ def _rmsprop_by_hand(w, grads, lrs):
 def test_compiled_optimizer_follows_the_update_rule_and_lr_changes_do_not_recompile():
     import torch._dynamo
 
-    from feedalign.train.optim import Stepper
+    from feedalign.train.optim import Optimizer
 
     torch.manual_seed(0)
     w0 = torch.randn(7, 5, dtype=torch.float64)
     p = nn.Parameter(w0.clone())
-    stepper = Stepper([p], Options(compile_optimizer=True))
+    stepper = Optimizer([p], Options(compile_optimizer=True))
     grads = [torch.randn(7, 5, dtype=torch.float64) for _ in range(4)]
     lrs = [1e-2, 1e-2, 5e-3, 2.5e-3]  # the schedule halves the LR twice
     for i, (g, lr) in enumerate(zip(grads, lrs)):
@@ -425,7 +430,7 @@ def test_compiled_optimizer_follows_the_update_rule_and_lr_changes_do_not_recomp
     torch.save(stepper.state_dict(), buf)
     buf.seek(0)
     q = nn.Parameter(p.detach().clone())
-    eager = Stepper([q], Options())
+    eager = Optimizer([q], Options())
     eager.load_state_dict(torch.load(buf, weights_only=True))
     assert eager.steps == 4
     q.grad = g5 = torch.randn(7, 5, dtype=torch.float64)

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+MAX_NORM_OFF = 400.0  # -maxInNorm / -maxOutNorm at or above this: no renormalisation (docs/original.md §4)
+
 # name -> (factory(params, opts), applies LRDecay)
 OPTIMIZERS = {
     "sgd": (lambda p, o: torch.optim.SGD(p, lr=o.LR, momentum=o.momentum, dampening=o.momentum,
@@ -31,7 +33,7 @@ OPTIMIZERS = {
 }  # fmt: skip
 
 
-class Stepper:
+class Optimizer:
     """One optimizer step with the original's LRDecay: lr_t = lr / (1 + t·LRDecay),
     t = steps taken so far (SGD, Adam, Adagrad). `lr` is the schedule's current LR.
 
@@ -134,13 +136,13 @@ class Schedule:
 @torch.no_grad()
 def max_norm_(model: nn.Module, max_out: float, max_in: float) -> None:
     """Renormalise every parameter with 2+ dims: each slice along dim 0 to L2 norm
-    ≤ max_out, then each slice along the last dim to ≤ max_in (400 = off, SPEC §4)."""
+    ≤ max_out, then each slice along the last dim to ≤ max_in (MAX_NORM_OFF = off, docs/original.md §4)."""
     for p in model.parameters():
         if p.dim() < 2:
             continue
-        if max_out < 400:
+        if max_out < MAX_NORM_OFF:
             p.copy_(torch.renorm(p, 2, 0, max_out))
-        if max_in < 400:
+        if max_in < MAX_NORM_OFF:
             p.copy_(torch.renorm(p, 2, p.dim() - 1, max_in))
 
 
