@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ def save(obj: dict, path: str | os.PathLike) -> None:
         "sha256": hashlib.sha256(payload).hexdigest(),
         "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
     }
-    atomic_write(path, lambda f: torch.save(wrapper, f))
+    out = io.BytesIO()
+    torch.save(wrapper, out)  # in memory: torch's file writer turns a full disk into a RuntimeError
+    atomic_write(path, lambda f: f.write(out.getbuffer()))
 
 
 def _torch_load(source, name: str | os.PathLike):
@@ -54,12 +57,27 @@ def _torch_load(source, name: str | os.PathLike):
         raise CheckpointError(f"{name} is a folder, not a checkpoint file") from None
     except OSError:
         raise  # unreadable: the CLI reports the path and the OS's reason
-    except Exception as err:  # not torch's format, truncated, or holding code: say which file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # not torch's format, truncated, or holding code: say which file and why
         raise CheckpointError(
-            f"{name} is not a readable checkpoint (a file written by feedalign or torch.save "
-            f"of a state_dict): {first[:200]}"
+            f"{name} is not a readable checkpoint (a file written by feedalign, or torch.save of a "
+            f"state_dict): {_why(err, source)}"
         ) from None
+
+
+def _why(err: Exception, source) -> str:
+    """The reason in the user's terms; torch's own text would suggest `weights_only=False`,
+    which is exactly what must not be done with a file of unknown origin."""
+    if isinstance(source, io.BytesIO):
+        head = source.getvalue()[:4]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(4)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
+    if found:
+        return f"it holds Python objects ({found.group(1)}), not only tensors; feedalign does not load those"
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+        return "it is not in torch.save's format"
+    return "torch.save's archive in it is damaged (truncated or corrupted)"
 
 
 def load(path: str | os.PathLike) -> dict:

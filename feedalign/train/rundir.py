@@ -80,6 +80,10 @@ def owned(run_dir: Path, *, is_main: bool = True) -> Iterator[Path]:
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         _lock(fd, run_dir)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         yield run_dir
@@ -98,7 +102,6 @@ def _lock(fd: int, run_dir: Path) -> None:
     except OSError as err:
         if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
-        os.close(fd)
         owner = ""
         with contextlib.suppress(OSError):
             owner = (run_dir / LOCK).read_text().strip()

@@ -36,10 +36,20 @@ class RunFileError(ValueError):
 
 
 def default_run_dir() -> Path:
-    """runs/<date>-<time>-<microseconds>-<pid>: two runs started at once never share a name."""
+    """runs/<date>-<time>-<microseconds>-<pid>: the pid separates processes started in
+    the same microsecond; within a process a name already taken gets a suffix."""
     now = time.time()
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return Path("runs") / f"{stamp}-{int(now % 1 * 1e6):06d}-{os.getpid()}"
+    base = Path("runs") / f"{stamp}-{int(now % 1 * 1e6):06d}-{os.getpid()}"
+    path, n = base, 1
+    while path.exists() or path in _NAMED:
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    _NAMED.add(path)
+    return path
+
+
+_NAMED: set[Path] = set()  # names this process handed out (their folders may not exist yet)
 
 
 def git_commit() -> str | None:

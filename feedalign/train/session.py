@@ -149,9 +149,11 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
                      "-epoch extends it")  # fmt: skip
             return run_dir
         data = _load_data_in_rank_order(opts, rt)
-        if rt.is_main:
+        run = Run.build(opts, rt, run_dir, data, saved)  # refuses a checkpoint of another network
+        if rt.is_main:  # all checks passed: the first writes
             _record_start(run_dir, opts, rt, resumed=resume is not None)
-        run = Run.build(opts, rt, run_dir, data, saved)
+            run.runlog = RunLog(run_dir, resume_epoch=run.first_epoch - 1, visualize=opts.visualize == 1,
+                                tensorboard=opts.tensorboard)  # fmt: skip
         on_batch = _batch_hook(opts, run, stop_at)
         with StopFlag() as stop:
             try:
@@ -223,9 +225,9 @@ class Run:
     step: TrainingStep
     loader: object  # feedalign.data.EpochLoader
     test: tuple[Tensor, Tensor]  # this rank's share of the test set
-    runlog: RunLog | None  # rank 0 only
     first_epoch: int = 1
     state: EpochState = field(default_factory=EpochState)
+    runlog: RunLog | None = None  # rank 0, once the run directory is written
 
     @classmethod
     def build(cls, opts: Options, rt: dist.Runtime, run_dir: Path, data: Data, saved: dict | None) -> Run:
@@ -244,12 +246,10 @@ class Run:
             amp=torch.bfloat16 if opts.amp == "bf16" else None,
         )  # fmt: skip
         test = (data.test_x[rt.rank :: rt.world_size], data.test_y[rt.rank :: rt.world_size])
-        runlog = RunLog(run_dir, resume_epoch=first_epoch - 1, visualize=opts.visualize == 1,
-                        tensorboard=opts.tensorboard) if rt.is_main else None  # fmt: skip
         log.info(f"{opts.dataset}: {len(data.train_x)} training / {len(data.test_x)} test samples "
                  f"{data.input_shape}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
                  f"process(es) on {rt.device}; run directory {run_dir}")  # fmt: skip
-        return cls(opts, rt, run_dir, model, optimizer, schedule, step, _loader(opts, data, rt), test, runlog,
+        return cls(opts, rt, run_dir, model, optimizer, schedule, step, _loader(opts, data, rt), test,
                    first_epoch, state)  # fmt: skip
 
     def epoch(self, epoch: int, stop: StopFlag, on_batch) -> str | None:
