@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,30 @@ from feedalign.train.loop import SYNC_EVERY, EpochState, StopFlag, TrainingStep,
 from feedalign.train.optim import Optimizer, Schedule
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Store:
+    """A rendezvous store bound to port 0 (the kernel picks a free port, and no other
+    process can take it before the ranks connect: no probe-then-bind race)."""
+
+    def __init__(self) -> None:
+        self.store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self.port = self.store.port
+
+
+def spawn(worker, *args) -> None:
+    """Run `worker(rank, 2, port, *args)` in two processes around a fresh store."""
+    store = Store()
+    mp.spawn(worker, args=(2, store.port, *args), nprocs=2)
+    del store  # the ranks have left the group: the store may go
 
 
 def _env(rank: int, world: int, port: int) -> None:
+    """Join the group through the parent's store; dist.setup then finds it initialised."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
+    if world > 1:
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False)
+        torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
 
 
 def _steps(rank, world, port, criterion, rule, batch, k, out, seed_offset=0):
@@ -77,10 +90,11 @@ def _single(criterion, rule, batch, k, out):
         os.environ.update(saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp")])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, criterion, rule):
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
-    mp.spawn(_steps, args=(2, _free_port(), criterion, rule, 16, 6, str(two)), nprocs=2)
+    spawn(_steps, criterion, rule, 16, 6, str(two))
     _single(criterion, rule, 32, 6, str(one))
     a = torch.load(two, weights_only=True)
     b = torch.load(one, weights_only=True)
@@ -91,9 +105,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, cr
     assert any(not torch.equal(a[k], init[k]) for k in a)  # it did train
 
 
+@pytest.mark.slow
 def test_feedback_mismatch_between_ranks_is_caught(tmp_path):
     out = tmp_path / "x.pt"
-    mp.spawn(_steps, args=(2, _free_port(), "bce", "dfa", 16, 1, str(out), 1), nprocs=2)
+    spawn(_steps, "bce", "dfa", 16, 1, str(out), 1)
     errors = [Path(f"{out}.rank{r}.err").read_text() for r in (0, 1)]  # FeedbackMismatch, a RuntimeError
     assert all("feedback matrices differ between ranks" in e and "-seed" in e for e in errors)
     assert not out.exists()
@@ -114,17 +129,18 @@ def _train_worker(rank, world, port, base, save_per_rank, stop_at, resume, seed=
         dist.teardown()
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_and_a_distributed_run_resumes(tmp_path):
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), True, None, False), nprocs=2)
+    spawn(_train_worker, str(tmp_path), True, None, False)
     assert (tmp_path / "run_rank0" / "finished.json").exists()
     assert not (tmp_path / "run_rank1").exists()
     env = json.loads((tmp_path / "run_rank0" / "env.json").read_text())
     assert env["world_size"] == 2
     ref = ckpt.load(tmp_path / "run_rank0" / "checkpoint.pt")["model"]
     # interrupt at a sync point of epoch 2 (the ranks agree there), then resume
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, (2, SYNC_EVERY), False), nprocs=2)
+    spawn(_train_worker, str(tmp_path), False, (2, SYNC_EVERY), False)
     assert (tmp_path / "interrupted0").exists() and (tmp_path / "interrupted1").exists()
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, None, True), nprocs=2)
+    spawn(_train_worker, str(tmp_path), False, None, True)
     got = ckpt.load(tmp_path / "run" / "checkpoint.pt")["model"]
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
@@ -188,6 +204,7 @@ def test_cuda_epoch_has_no_hidden_synchronisation():
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.slow
 def test_original_ngpu_option_launches_torchrun(tmp_path):
     import subprocess
     import sys
@@ -221,8 +238,9 @@ def _bn_worker(rank, world, port, out):
         dist.teardown()
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
-    mp.spawn(_bn_worker, args=(2, _free_port(), str(tmp_path / "bn")), nprocs=2)
+    spawn(_bn_worker, str(tmp_path / "bn"))
     r0, r1 = (torch.load(tmp_path / f"bn.rank{r}", weights_only=True) for r in (0, 1))
     assert len(r0["before"]) >= 2
     for (m0, v0), (m1, v1), (a0, w0), (a1, w1) in zip(r0["before"], r1["before"], r0["after"], r1["after"]):
@@ -232,8 +250,9 @@ def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
         assert torch.equal(a0, a1) and torch.equal(w0, w1)
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_a_drawn_seed(tmp_path):
     # no -seed: each process draws one; the run must use rank 0's everywhere (same feedback)
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), True, None, False, None), nprocs=2)
+    spawn(_train_worker, str(tmp_path), True, None, False, None)
     assert (tmp_path / "run_rank0" / "finished.json").exists()
     assert isinstance(json.loads((tmp_path / "run_rank0" / "options.json").read_text())["seed"], int)
