@@ -410,7 +410,7 @@ def test_batchnorm_with_a_one_sample_last_batch_and_bias_zero(tmp_path):
 
 
 def _rmsprop_by_hand(w, grads, lrs):
-    """SPEC §4's RMSprop: m = 0.99·m + 0.01·g², w -= lr·g / (sqrt(m) + 1e-8), m_0 = 0."""
+    """docs/original.md §4's RMSprop: m = 0.99·m + 0.01·g², w -= lr·g / (sqrt(m) + 1e-8), m_0 = 0."""
     m = torch.zeros_like(w)
     for g, lr in zip(grads, lrs):
         m = 0.99 * m + 0.01 * g * g

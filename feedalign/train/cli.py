@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def options_from_args(args: argparse.Namespace) -> Options:
     """The options given, or with --resume the run's options.json with the given ones on top
     (only RESUME_MAY_CHANGE may be given)."""
-    from feedalign.train.session import options_from_run
+    from feedalign.train.rundir import options_from_run
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if hasattr(args, f.name)}
     if not args.resume:

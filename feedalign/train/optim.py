@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedule, stopping rules and max-norm (SPEC §4).
+"""Optimizers, learning-rate schedule, stopping rules and max-norm (docs/original.md §4).
 
 The optimizers are torch.optim's, configured to match the original's `optim`
 package: RMSprop m = 0.99·m + 0.01·g², x -= LR·g/(sqrt(m) + 1e-8) (no momentum,
@@ -90,7 +90,7 @@ class Optimizer:
 
 
 class Schedule:
-    """SPEC §4's LR schedule and stopping rules, driven by the epoch's training error.
+    """docs/original.md §4's LR schedule and stopping rules, driven by the epoch's training error.
 
     m_t = 0.75·m_{t−1} + 0.25·err_t, m_0 = 1.
     epoch_step −1: constant LR; 0 ("auto"): stop once halved 8 times or m_t ≤ 1e-4,
@@ -149,7 +149,7 @@ def max_norm_(model: nn.Module, max_out: float, max_in: float) -> None:
 @torch.no_grad()
 def zero_biases_(model: nn.Module) -> None:
     """`-bias 0`: every module's `bias` parameter (Linear, Conv, BatchNorm's β) is set
-    to zero after every step, SPEC §4's "all biases"."""
+    to zero after every step, docs/original.md §4's "all biases"."""
     for m in model.modules():
         if isinstance(getattr(m, "bias", None), nn.Parameter):
             m.bias.zero_()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from feedalign.models import NETWORKS
 from feedalign.train.config import RESUME_MAY_CHANGE, OptionError, Options
+from feedalign.train.runlog import RunFileError, read_json
 
 LOCK = ".lock"
 
@@ -125,10 +126,30 @@ def check_resume_options(opts: Options, saved: dict, run_dir: Path) -> None:
         )
 
 
-def already_finished(opts: Options, saved_options: dict, epochs_done: int, finished: bool) -> bool:
+def already_finished(opts: Options, run_options: dict, epochs_done: int, finished: bool) -> bool:
     """A finished run stays finished unless a larger -epoch extends it."""
     if not finished:
         return False
     wanted = opts.epoch
-    extends = wanted != saved_options.get("epoch") and (wanted == -1 or wanted > epochs_done)
+    extends = wanted != run_options.get("epoch") and (wanted == -1 or wanted > epochs_done)
     return not extends
+
+
+def saved_options(run_dir: Path) -> dict:
+    """options.json of a run directory, read as data (RunFileError names the fault)."""
+    path = Path(run_dir) / "options.json"
+    if not path.exists():
+        raise RunFileError(f"{run_dir}: no options.json there; is it a feedalign run directory?")
+    return read_json(path)
+
+
+def options_from_run(run_dir: Path, given: dict | None = None) -> Options:
+    """Options of a run directory (with `given` on top), their types checked: a wrong
+    type in options.json is a RunFileError naming the file."""
+    path = Path(run_dir) / "options.json"
+    try:
+        opts = Options.from_dict(saved_options(run_dir) | (given or {}))
+        opts.check_types()
+    except OptionError as err:
+        raise RunFileError(f"{path}: {err}") from None
+    return opts

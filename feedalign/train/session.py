@@ -39,11 +39,9 @@ from feedalign.train.memory import keep_freed_memory
 from feedalign.train.optim import Optimizer, Schedule
 from feedalign.train.runlog import (
     FINISHED,
-    RunFileError,
     RunLog,
     default_run_dir,
     environment,
-    read_json,
     write_json,
 )
 
@@ -115,14 +113,6 @@ def resume_command(run_dir: Path) -> str:
     return f"feedalign train --resume {shlex.quote(str(run_dir))}"
 
 
-def saved_options(run_dir: Path) -> dict:
-    """options.json of a run directory, read as data (RunFileError names the fault)."""
-    path = Path(run_dir) / "options.json"
-    if not path.exists():
-        raise RunFileError(f"{run_dir}: no options.json there; is it a feedalign run directory?")
-    return read_json(path)
-
-
 def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int, int] | None = None,
           trust_model_file: bool = False) -> Path:  # fmt: skip
     """Train as docs/original.md §4 and return the run directory.
@@ -138,7 +128,7 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     """
     run_dir = Path(resume) if resume else Path(opts.save) if opts.save else default_run_dir()
     if resume:
-        before = saved_options(run_dir)
+        before = rundir.saved_options(run_dir)
         rundir.check_trusted(opts, run_dir, trust_model_file)  # before check() imports anything
         rundir.check_resume_options(opts, before, run_dir)
     rt = _start(opts, run_dir)
@@ -404,7 +394,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", datapath: str | No
     """(error, loss) of a saved run's checkpoint on its test or training split. The run
     directory is data: a model file it names is imported only with trust_model_file."""
     run_dir = Path(run_dir)
-    opts = options_from_run(run_dir)
+    opts = rundir.options_from_run(run_dir)
     rundir.check_trusted(opts, run_dir, trust_model_file)
     if datapath is not None:
         opts.datapath = datapath
@@ -420,15 +410,3 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", datapath: str | No
     model.load_state_dict(weights)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     return evaluate(model, make_criterion(opts.criterion), x, y)
-
-
-def options_from_run(run_dir: Path, given: dict | None = None) -> Options:
-    """Options of a run directory (with `given` on top), their types checked: a wrong
-    type in options.json is a RunFileError naming the file."""
-    path = Path(run_dir) / "options.json"
-    try:
-        opts = Options.from_dict(saved_options(run_dir) | (given or {}))
-        opts.check_types()
-    except OptionError as err:
-        raise RunFileError(f"{path}: {err}") from None
-    return opts
