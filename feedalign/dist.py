@@ -36,6 +36,11 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def reducer(self):
+        """`reduce` under several processes; None with one (the loop then skips the agreements)."""
+        return self.reduce if self.distributed else None
+
     def reduce(self, t: Tensor) -> Tensor:
         """Sum over ranks (a copy; the identity with one process)."""
         if not self.distributed:

@@ -248,10 +248,9 @@ class Run:
         lr = self.schedule.lr
         t0 = time.perf_counter()
         progress = not self.opts.quiet and sys.stderr.isatty() and self.rt.is_main
-        reduce = self.rt.reduce if self.rt.distributed else None
         try:
             self.state = train_epoch(self.step, self.loader, self.state, stop=stop, progress=progress,
-                                     reduce=reduce, on_batch=on_batch(epoch, self.state, stop),
+                                     reduce=self.rt.reducer, on_batch=on_batch(epoch, self.state, stop),
                                      desc=f"epoch {epoch}")  # fmt: skip
         except Diverged as err:
             path = self.dir / ckpt.CHECKPOINT
@@ -279,8 +278,7 @@ class Run:
         st = self.state
         wrong, loss_sum, seen = dist.epoch_totals(self.rt, st.wrong, st.loss_sum, st.seen)
         dist.average_batchnorm_statistics(self.model, self.rt)  # every rank evaluates and saves the same
-        reduce = self.rt.reduce if self.rt.distributed else None
-        test_error, test_loss = evaluate(self.model, self.step.criterion, *self.test, reduce=reduce,
+        test_error, test_loss = evaluate(self.model, self.step.criterion, *self.test, reduce=self.rt.reducer,
                                          amp=self.step.amp)  # fmt: skip
         reason = self.schedule.update(epoch, wrong / seen)
         record = {"epoch": epoch, "train_error": wrong / seen, "smoothed_error": self.schedule.smoothed,
