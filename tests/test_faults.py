@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -145,10 +146,10 @@ def test_two_processes_one_run_directory_and_sigterm(tmp_path):
     assert "Traceback" not in out
     resume = out.strip().splitlines()[-1].split("Continue with: ")[1]
     assert resume == f"feedalign train --resume {shlex.quote(str(run))}"
-    saved = ckpt.load(run / "checkpoint.pt")
-    assert saved["epoch_state"]["batch"] > 0 or saved["epoch"] >= 1  # the partial epoch was kept
-    again = [sys.executable, "-m", *shlex.split(resume)[0:0], "feedalign", *shlex.split(resume)[1:],
-             "-epoch", str(saved["epoch"] + 1)]  # fmt: skip
+    epoch, batch = map(int, re.search(r"interrupted at epoch (\d+), batch (\d+)", out).groups())
+    saved = ckpt.load(run / "checkpoint.pt")  # the partial epoch was kept, up to the last batch done
+    assert (saved["epoch"], saved["epoch_state"]["batch"]) == (epoch - 1, batch)
+    again = [sys.executable, "-m", *shlex.split(resume), "-epoch", str(epoch)]
     res = subprocess.run(again, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     assert (run / "finished.json").exists()
