@@ -19,8 +19,8 @@ import torch
 from feedalign.data import EpochLoader
 from feedalign.losses import make_criterion
 from feedalign.train.config import Options
-from feedalign.train.loop import EpochState, Step, StopFlag, train_epoch
-from feedalign.train.optim import Schedule, Stepper
+from feedalign.train.loop import EpochState, StopFlag, TrainingStep, train_epoch
+from feedalign.train.optim import Optimizer, Schedule
 from feedalign.train.session import load_data, make_model
 
 
@@ -45,8 +45,8 @@ def main() -> None:
     if args.max_batches:
         x, y = x[: args.max_batches * opts.batchSize], y[: args.max_batches * opts.batchSize]
     model = make_model(opts, data, torch.device("cpu"))
-    step = Step(
-        model, make_criterion(opts.criterion), Stepper(model.parameters(), opts), Schedule(opts.LR, -1, 1)
+    step = TrainingStep(
+        model, make_criterion(opts.criterion), Optimizer(model.parameters(), opts), Schedule(opts.LR, -1, 1)
     )
     loader = EpochLoader(x, y, opts.batchSize, seed=0, augment=args.augment)
     data_s, epoch_s = [], []

@@ -11,7 +11,62 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+
+log = logging.getLogger("feedalign")
+
+# Exit codes (docs/faults.md, "What happens when things go wrong"): decided here, once.
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1  # a bug: Python's own traceback and status
+EXIT_USAGE = 2  # an option or combination that cannot work (argparse uses 2 as well)
+EXIT_DIVERGED = 3  # the loss became NaN/inf; the last good checkpoint is kept
+EXIT_FILE = 4  # a dataset, cache, checkpoint or run-directory file, or the OS refused a read/write
+EXIT_BUSY = 5  # another process trains in that run directory
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (the loop turns it into a checkpoint instead)."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def exit_code(err: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for an error the user can act on; None for a bug (traceback)."""
+    from feedalign.data import DatasetError
+    from feedalign.dist import FeedbackMismatch
+    from feedalign.train.checkpoint import CheckpointError
+    from feedalign.train.config import OptionError
+    from feedalign.train.loop import Diverged
+    from feedalign.train.rundir import RunDirBusy
+    from feedalign.train.runlog import RunFileError
+    from feedalign.train.session import Interrupted
+
+    if isinstance(err, Interrupted):
+        return (EXIT_TERMINATED if err.signum == signal.SIGTERM else EXIT_INTERRUPTED), str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C) before training started; nothing was written"
+    if isinstance(err, Terminated):
+        return EXIT_TERMINATED, "terminated (SIGTERM) before training started; nothing was written"
+    if isinstance(err, Diverged):
+        return EXIT_DIVERGED, f"diverged: {err}"
+    if isinstance(err, RunDirBusy):
+        return EXIT_BUSY, f"error: {err}"
+    if isinstance(err, (DatasetError, CheckpointError, RunFileError)):
+        return EXIT_FILE, f"error: {err}"
+    if isinstance(err, (OptionError, FeedbackMismatch)):
+        return EXIT_USAGE, f"error: {err}"
+    if isinstance(err, FileNotFoundError) and err.filename is None:
+        return EXIT_FILE, f"error: {err}"  # our own "no checkpoint at …" messages
+    if isinstance(err, OSError):
+        where = f" {err.filename}" if err.filename else ""
+        advice = "check that the path exists, is the right kind (file or folder), is writable, and has room"
+        return EXIT_FILE, f"error:{where}: {err.strerror or err}; {advice}"
+    return None
 
 # name -> module providing `register(subparsers)`
 SUBCOMMANDS = {
@@ -41,7 +96,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
-    return int(args.func(args) or 0)
+    previous = _install_signal_handlers()
+    try:
+        return int(args.func(args) or 0)
+    except (Exception, KeyboardInterrupt, Terminated) as err:
+        mapped = exit_code(err)
+        if mapped is None:
+            raise
+        code, message = mapped
+        log.error(message)
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM ends the command with one line and exit 143 (the training loop replaces this
+    with a checkpoint); a file-size limit (SIGXFSZ) becomes an OSError naming the file
+    instead of killing the process. Only in the main thread (tests call main() elsewhere)."""
+    wanted = {signal.SIGTERM: _terminate}
+    if hasattr(signal, "SIGXFSZ"):
+        wanted[signal.SIGXFSZ] = signal.SIG_IGN
+    previous = {}
+    for sig, handler in wanted.items():
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    return previous
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import logging
 import os
 from dataclasses import dataclass
 
@@ -35,6 +36,11 @@ class Runtime:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def reducer(self):
+        """`reduce` under several processes; None with one (the loop then skips the agreements)."""
+        return self.reduce if self.distributed else None
+
     def reduce(self, t: Tensor) -> Tensor:
         """Sum over ranks (a copy; the identity with one process)."""
         if not self.distributed:
@@ -54,6 +60,35 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order (on every rank); [obj] with one process."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def one_voice(self) -> None:
+        """Rank 0 reports; the other ranks only warn (one log, not N interleaved)."""
+        if not self.is_main:
+            logging.getLogger("feedalign").setLevel(logging.WARNING)
+
+
+def epoch_totals(rt: Runtime, wrong: Tensor, loss_sum: Tensor, seen: int) -> list[float]:
+    """[misclassified, Σ loss × samples, samples] of an epoch so far, summed over ranks (float64)."""
+    n = torch.tensor(float(seen), device=rt.device, dtype=torch.float64)
+    return rt.reduce(torch.stack([wrong.double(), loss_sum.double(), n])).tolist()
+
+
+def restart_partial_sums(
+    rt: Runtime, wrong: Tensor, loss_sum: Tensor, seen: int
+) -> tuple[Tensor, Tensor, int]:
+    """A checkpoint holds an interrupted epoch's sums over all ranks: on resume rank 0
+    continues from them and the other ranks from zero, so that their sum is unchanged."""
+    keep = 1.0 if rt.is_main else 0.0
+    wrong = wrong.to(rt.device, torch.float64) * keep
+    return wrong, loss_sum.to(rt.device, torch.float64) * keep, seen if rt.is_main else 0
 
 
 def device_for(device_type: str, devid: int) -> torch.device:
@@ -126,7 +161,7 @@ def _sum_hook(state, bucket):
 def wrap(model: nn.Module, rt: Runtime, *, batch_reduction: str = "mean") -> nn.Module:
     """DDP around `model`. batch_reduction: how the loss treats the batch — "mean"
     (ce: DDP's average of per-rank means is the global batch's mean) or "sum" (bce,
-    SPEC §3: gradients summed over the batch, so ranks' gradients are summed too).
+    docs/original.md §3: gradients summed over the batch, so ranks' gradients are summed too).
     Either way N ranks × batch B step exactly like one process with batch N·B."""
     if not rt.distributed:
         return model
@@ -158,6 +193,3 @@ def average_batchnorm_statistics(model: nn.Module, rt: Runtime) -> None:
                 dist.all_reduce(t)
                 t.div_(rt.world_size)
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

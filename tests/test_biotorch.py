@@ -120,5 +120,7 @@ def test_a_training_run_applies_the_step_schedule_and_resize(tmp_path):
                    save=str(tmp_path / "run"), lr_milestones="1,2", lr_gamma=0.5, resize=12)  # fmt: skip
     run = train(opts)
     assert [r["lr"] for r in read_metrics(run)] == [1e-3, 5e-4, 2.5e-4]
-    first = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    from feedalign.train import checkpoint
+
+    first = checkpoint.load(run / "checkpoint.pt")["model"]
     assert next(v for k, v in first.items() if k.endswith("weight")).shape[1] == 12 * 12

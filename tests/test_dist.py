@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,21 +16,36 @@ from torch import nn
 import feedalign
 from feedalign import dist
 from feedalign.data import EpochLoader
+from feedalign.train import checkpoint as ckpt
 from feedalign.train.config import Options
-from feedalign.train.loop import SYNC_EVERY, EpochState, Step, StopFlag, train_epoch
-from feedalign.train.optim import Schedule, Stepper
+from feedalign.train.loop import SYNC_EVERY, EpochState, StopFlag, TrainingStep, train_epoch
+from feedalign.train.optim import Optimizer, Schedule
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Store:
+    """A rendezvous store bound to port 0 (the kernel picks a free port, and no other
+    process can take it before the ranks connect: no probe-then-bind race)."""
+
+    def __init__(self) -> None:
+        self.store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        self.port = self.store.port
+
+
+def spawn(worker, *args) -> None:
+    """Run `worker(rank, 2, port, *args)` in two processes around a fresh store."""
+    store = Store()
+    mp.spawn(worker, args=(2, store.port, *args), nprocs=2)
+    del store  # the ranks have left the group: the store may go
 
 
 def _env(rank: int, world: int, port: int) -> None:
+    """Join the group through the parent's store; dist.setup then finds it initialised."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
     torch.set_num_threads(1)
+    if world > 1:
+        store = torch.distributed.TCPStore("127.0.0.1", port, is_master=False)
+        torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world)
 
 
 def _steps(rank, world, port, criterion, rule, batch, k, out, seed_offset=0):
@@ -55,7 +69,7 @@ def _train_k_steps(rt, criterion, rule, batch, k, out, seed_offset):
     dist.check_same_feedback(rt, feedalign.feedback(model))
     ddp = dist.wrap(model, rt, batch_reduction=getattr(crit, "batch_reduction", "mean"))
     opts = Options(optimization="sgd", LR=0.05, type="float")
-    step = Step(ddp, crit, Stepper(model.parameters(), opts), Schedule(0.05, -1, 1))
+    step = TrainingStep(ddp, crit, Optimizer(model.parameters(), opts), Schedule(0.05, -1, 1))
     loader = EpochLoader(x, y, batch, seed=3, rank=rt.rank, world_size=rt.world_size)
     loader.set_epoch(1)
     for i, (xb, yb) in enumerate(loader):
@@ -76,10 +90,11 @@ def _single(criterion, rule, batch, k, out):
         os.environ.update(saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp")])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, criterion, rule):
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
-    mp.spawn(_steps, args=(2, _free_port(), criterion, rule, 16, 6, str(two)), nprocs=2)
+    spawn(_steps, criterion, rule, 16, 6, str(two))
     _single(criterion, rule, 32, 6, str(one))
     a = torch.load(two, weights_only=True)
     b = torch.load(one, weights_only=True)
@@ -90,9 +105,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, cr
     assert any(not torch.equal(a[k], init[k]) for k in a)  # it did train
 
 
+@pytest.mark.slow
 def test_feedback_mismatch_between_ranks_is_caught(tmp_path):
     out = tmp_path / "x.pt"
-    mp.spawn(_steps, args=(2, _free_port(), "bce", "dfa", 16, 1, str(out), 1), nprocs=2)
+    spawn(_steps, "bce", "dfa", 16, 1, str(out), 1)
     errors = [Path(f"{out}.rank{r}.err").read_text() for r in (0, 1)]  # FeedbackMismatch, a RuntimeError
     assert all("feedback matrices differ between ranks" in e and "-seed" in e for e in errors)
     assert not out.exists()
@@ -113,18 +129,19 @@ def _train_worker(rank, world, port, base, save_per_rank, stop_at, resume, seed=
         dist.teardown()
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_and_a_distributed_run_resumes(tmp_path):
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), True, None, False), nprocs=2)
+    spawn(_train_worker, str(tmp_path), True, None, False)
     assert (tmp_path / "run_rank0" / "finished.json").exists()
     assert not (tmp_path / "run_rank1").exists()
     env = json.loads((tmp_path / "run_rank0" / "env.json").read_text())
     assert env["world_size"] == 2
-    ref = torch.load(tmp_path / "run_rank0" / "checkpoint.pt", weights_only=True)["model"]
+    ref = ckpt.load(tmp_path / "run_rank0" / "checkpoint.pt")["model"]
     # interrupt at a sync point of epoch 2 (the ranks agree there), then resume
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, (2, SYNC_EVERY), False), nprocs=2)
+    spawn(_train_worker, str(tmp_path), False, (2, SYNC_EVERY), False)
     assert (tmp_path / "interrupted0").exists() and (tmp_path / "interrupted1").exists()
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), False, None, True), nprocs=2)
-    got = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    spawn(_train_worker, str(tmp_path), False, None, True)
+    got = ckpt.load(tmp_path / "run" / "checkpoint.pt")["model"]
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -144,7 +161,7 @@ def test_batch_loop_reads_the_host_only_at_sync_points(monkeypatch):
     x, y = torch.randn(64 * 100, 10, generator=g), torch.randint(0, 4, (6400,), generator=g)
     model = feedalign.build_model("mlp", (10,), 4, gradient="dfa", num_hidden=8, seed=0)
     opts = Options(type="float")
-    step = Step(model, feedalign.BCE(), Stepper(model.parameters(), opts), Schedule(1e-4, -1, 1))
+    step = TrainingStep(model, feedalign.BCE(), Optimizer(model.parameters(), opts), Schedule(1e-4, -1, 1))
     loader = EpochLoader(x, y, 64, seed=0)
     loader.set_epoch(1)
     reads = {"n": 0}
@@ -168,8 +185,8 @@ def test_cuda_epoch_has_no_hidden_synchronisation():
     device = torch.device("cuda")
     x, y = torch.randn(6400, 1, 28, 28, device=device), torch.randint(0, 10, (6400,), device=device)
     model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient="dfa", seed=0).to(device)
-    step = Step(
-        model, feedalign.BCE(), Stepper(model.parameters(), Options(type="cuda")), Schedule(1e-4, -1, 1)
+    step = TrainingStep(
+        model, feedalign.BCE(), Optimizer(model.parameters(), Options(type="cuda")), Schedule(1e-4, -1, 1)
     )
     loader = EpochLoader(x, y, 64, seed=0, augment=False)
     loader.set_epoch(1)
@@ -187,6 +204,7 @@ def test_cuda_epoch_has_no_hidden_synchronisation():
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.slow
 def test_original_ngpu_option_launches_torchrun(tmp_path):
     import subprocess
     import sys
@@ -220,8 +238,9 @@ def _bn_worker(rank, world, port, out):
         dist.teardown()
 
 
+@pytest.mark.slow
 def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
-    mp.spawn(_bn_worker, args=(2, _free_port(), str(tmp_path / "bn")), nprocs=2)
+    spawn(_bn_worker, str(tmp_path / "bn"))
     r0, r1 = (torch.load(tmp_path / f"bn.rank{r}", weights_only=True) for r in (0, 1))
     assert len(r0["before"]) >= 2
     for (m0, v0), (m1, v1), (a0, w0), (a1, w1) in zip(r0["before"], r1["before"], r0["after"], r1["after"]):
@@ -231,8 +250,9 @@ def test_batchnorm_statistics_are_averaged_over_ranks(tmp_path):
         assert torch.equal(a0, a1) and torch.equal(w0, w1)
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_a_drawn_seed(tmp_path):
     # no -seed: each process draws one; the run must use rank 0's everywhere (same feedback)
-    mp.spawn(_train_worker, args=(2, _free_port(), str(tmp_path), True, None, False, None), nprocs=2)
+    spawn(_train_worker, str(tmp_path), True, None, False, None)
     assert (tmp_path / "run_rank0" / "finished.json").exists()
     assert isinstance(json.loads((tmp_path / "run_rank0" / "options.json").read_text())["seed"], int)

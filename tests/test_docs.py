@@ -23,13 +23,6 @@ SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "Pre
 
 # Documents that exist only outside the repository; citing them points nowhere.
 OUTSIDE = ("STYLE §", "ORIGINAL_README", "../shared/")
-# Files that still carry one of OUTSIDE in code owned elsewhere, to be rewritten at
-# merge; remove an entry once its file is clean (test_outside_exceptions_still_needed
-# says when).
-NOT_YET_REWRITTEN = {
-    ("feedalign/train/config.py", "ORIGINAL_README"),
-    ("feedalign/train/runlog.py", "STYLE §"),
-}
 
 
 @functools.cache
@@ -58,13 +51,8 @@ def test_the_scan_sees_the_repository():
 
 @pytest.mark.parametrize("needle", OUTSIDE)
 def test_nothing_points_outside_the_repository(needle):
-    found = sorted(hits(needle) - NOT_YET_REWRITTEN)
+    found = sorted(hits(needle))
     assert not found, f"{needle!r} names a document outside the repository: {found}"
-
-
-def test_outside_exceptions_still_needed():
-    stale = sorted(NOT_YET_REWRITTEN - {h for needle in OUTSIDE for h in hits(needle)})
-    assert not stale, f"these files are clean now; remove them from NOT_YET_REWRITTEN: {stale}"
 
 
 @pytest.mark.xfail(strict=False, reason="references rewritten at merge")

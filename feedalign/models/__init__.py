@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from feedalign.checks import MODEL_LIMITS, check_limits
 from feedalign.losses import CRITERIA
 from feedalign.models.conv import conv
 from feedalign.models.convert import TRAINABLE, convert, feedback, rule_of
@@ -78,6 +79,9 @@ def build_model(
     fa/dfa with tanh/sigm every Linear/Conv2d weight and bias set to zero (fa's
     feedback is copied from the initial weights before that)."""
     check_rule(gradient)
+    limited = dict(n_classes=n_classes, num_layers=num_layers, num_hidden=num_hidden, dropout=dropout,
+                   batchnorm=batchnorm, rfb_mag=rfb_mag)  # fmt: skip
+    check_limits(limited, MODEL_LIMITS)  # the same limits as the command line's (feedalign/checks.py)
     if nonlin not in NONLINS:
         raise ValueError(f"unknown nonlin {nonlin!r}; choose one of {', '.join(NONLINS)}")
     if criterion not in CRITERIA:

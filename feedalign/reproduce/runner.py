@@ -32,8 +32,7 @@ from pathlib import Path
 
 from feedalign.reproduce.experiments import Row
 from feedalign.rules import RULES
-from feedalign.train.cli import RESUME_MAY_CHANGE
-from feedalign.train.config import Options
+from feedalign.train.config import RESUME_MAY_CHANGE, Options
 from feedalign.train.runlog import write_json
 
 log = logging.getLogger("feedalign")

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import re
 import sys
 from pathlib import Path
 
-from feedalign.train.config import OptionError, Options
+from feedalign.train.config import RESUME_MAY_CHANGE, OptionError, Options
 
 log = logging.getLogger("feedalign")
-# the device type may not change: a mid-epoch checkpoint continues the epoch's
-# shuffle, which is drawn on the run's device
-RESUME_MAY_CHANGE = {"epoch", "quiet", "threads", "devid", "compile_optimizer"}
+TRUST_HELP = ("import the Python model file (network + modelsFolder) that the run directory's "
+              "options.json names; without it such a run is refused (docs/faults.md)")  # fmt: skip
 
 
 def kebab(name: str) -> str:
@@ -34,7 +32,7 @@ def kebab(name: str) -> str:
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
     """One argument per Options field; unset ones stay absent (SUPPRESS) so that we
     know what the user gave."""
-    group = parser.add_argument_group("options of the original (SPEC §4–6) and feedalign's")
+    group = parser.add_argument_group("options of the original (docs/original.md §4–6) and feedalign's")
     for f in dataclasses.fields(Options):
         names = [f"-{f.name}", f"--{f.name}"]
         if kebab(f.name) != f.name:
@@ -67,55 +65,46 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train with bp, fa or dfa. Example: feedalign train -dataset MNIST "
                        "-network mlp -LR 1e-4 -eps 0.08")  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     add_option_arguments(p)
     p.set_defaults(func=run_train)
     e = sub.add_parser("eval", help="test error and loss of a saved run", allow_abbrev=False)
     e.add_argument("run_dir", help="a run directory holding options.json and checkpoint.pt")
     e.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
     e.add_argument("--datapath", help="dataset folder, if it moved since training")
+    e.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     e.set_defaults(func=run_eval)
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
+    """The options given, or with --resume the run's options.json with the given ones on top
+    (only RESUME_MAY_CHANGE may be given)."""
+    from feedalign.train.rundir import options_from_run
+
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if hasattr(args, f.name)}
     if not args.resume:
         return Options(**given)
-    path = Path(args.resume) / "options.json"
-    if not path.exists():
-        raise OptionError(f"--resume {args.resume}: no options.json there; is it a feedalign run directory?")
-    if not (Path(args.resume) / "checkpoint.pt").exists():
+    if not (Path(args.resume) / "checkpoint.pt").exists() and (Path(args.resume) / "options.json").exists():
         raise OptionError(f"--resume {args.resume}: no checkpoint.pt yet; start the run again instead")
     refused = sorted(set(given) - RESUME_MAY_CHANGE)
     if refused:
         raise OptionError(f"--resume keeps the run's options; only {', '.join(sorted(RESUME_MAY_CHANGE))} "
-                         f"may change, not {', '.join(refused)}")  # fmt: skip
-    return Options.from_dict(json.loads(path.read_text()) | given)
+                          f"may change, not {', '.join(refused)}")  # fmt: skip
+    return options_from_run(Path(args.resume), given)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from feedalign.data import DatasetError
-    from feedalign.dist import FeedbackMismatch
-    from feedalign.train.loop import Diverged
-    from feedalign.train.session import Interrupted, train
+    """`feedalign train`; errors propagate to feedalign.cli.main, which maps them to exit codes."""
+    from feedalign import dist
+    from feedalign.train.session import train
 
+    opts = options_from_args(args)
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if opts.nGPU > 1 and not launched:
+        return _launch_torchrun(opts.nGPU)
     try:
-        opts = options_from_args(args)
-        launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if opts.nGPU > 1 and not launched:
-            return _launch_torchrun(opts.nGPU)
-        train(opts, resume=args.resume)
-    except (OptionError, DatasetError, FileNotFoundError, FeedbackMismatch) as err:
-        log.error(f"error: {err}")  # the user's input: a message, no traceback
-        return 2
-    except Interrupted as err:
-        log.error(str(err))
-        return 130
-    except Diverged as err:
-        log.error(f"diverged: {err}")
-        return 3
+        train(opts, resume=args.resume, trust_model_file=args.trust_model_file)
     finally:
-        from feedalign import dist
-
         dist.teardown()
     return 0
 
@@ -135,10 +124,7 @@ def _launch_torchrun(n: int) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from feedalign.train.session import evaluate_run
 
-    try:
-        error, loss = evaluate_run(args.run_dir, split=args.split, datapath=args.datapath)
-    except (OptionError, ValueError, FileNotFoundError) as err:
-        log.error(f"error: {err}")
-        return 2
+    error, loss = evaluate_run(args.run_dir, split=args.split, datapath=args.datapath,
+                               trust_model_file=args.trust_model_file)  # fmt: skip
     print(f"{args.run_dir}: {args.split} error {100 * error:.2f}%  loss {loss:.4g}")
     return 0

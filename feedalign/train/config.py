@@ -1,9 +1,11 @@
-"""One typed configuration: every option of the original (SPEC §4–6, ORIGINAL_README
-option table) under its original name and default, plus what feedalign adds.
+"""One typed configuration: every option of the original (docs/original.md §4–6)
+under its original name and default, plus what feedalign adds.
 
 Field names keep the original spelling (`LR`, `batchSize`, `epoch_step`, …) so that
 `options.json` reads like the original command line. `check()` refuses impossible
-values before any data is loaded, listing what is allowed.
+values before any data is loaded, listing what is allowed. The allowed choices are
+the keys of the registries that implement them (one list per choice), and the
+numeric limits shared with `build_model` live in feedalign/checks.py.
 """
 
 from __future__ import annotations
@@ -16,20 +18,54 @@ from pathlib import Path
 
 import torch
 
+from feedalign import rules
+from feedalign.checks import MODEL_LIMITS, Limit, check_limits, finite_above, finite_at_least, int_at_least
+from feedalign.checks import one_of as one_of_ints
+from feedalign.data import DATASETS
 from feedalign.losses import CRITERIA
 from feedalign.models import NONLINS
-from feedalign.rules import RULES
+from feedalign.models.convert import ERROR_AT
+from feedalign.preprocess import FORMATS, NORMALIZATIONS
+from feedalign.train.optim import MAX_NORM_OFF, OPTIMIZERS
 
-OPTIMIZERS = ("sgd", "rmsprop", "adam", "adagrad", "adadelta", "adamax")
-NORMALIZATIONS = ("scale", "simple", "channel", "image")
-FORMATS = ("rgb", "yuv")
 TYPES = ("float", "cuda")
 AMP = ("none", "bf16")
-DATASETS = ("MNIST", "FashionMNIST", "Cifar10", "Cifar100", "SVHN", "STL10", "digits")
+SEED_LIMIT = 2**63  # seeds are int64 tensors across ranks; torch takes up to 2**64 - 1
+
+# Options that `--resume` may change: how the run is executed, not what it computes.
+# The device type may not change: a mid-epoch checkpoint continues the epoch's
+# shuffle, which is drawn on the run's device.
+RESUME_MAY_CHANGE = frozenset({"epoch", "quiet", "threads", "devid", "compile_optimizer"})
 
 
 class OptionError(ValueError):
     """An option value (or option file) that cannot work; the message lists what is allowed."""
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Option -> allowed values: the keys of the registry that implements each choice."""
+    return {
+        "criterion": tuple(CRITERIA), "nonlin": tuple(NONLINS), "gradient": tuple(rules.RULES),
+        "optimization": tuple(OPTIMIZERS), "normalization": tuple(NORMALIZATIONS),
+        "format": tuple(FORMATS), "type": TYPES, "amp": AMP, "error_at": tuple(ERROR_AT),
+    }  # fmt: skip
+
+
+# Numeric options' limits (the model's come from feedalign/checks.py, shared with build_model).
+LIMITS: dict[str, Limit] = MODEL_LIMITS | {
+    "LR": finite_above(0), "batchSize": int_at_least(1),
+    "epoch": (lambda v: isinstance(v, int) and (v == -1 or v >= 1), "-1 or >= 1"),
+    "epoch_step": int_at_least(-1), "bias": one_of_ints(0, 1), "accGradient": one_of_ints(0, 1),
+    "eps": finite_at_least(0), "LRDecay": finite_at_least(0), "weightDecay": finite_at_least(0),
+    "momentum": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
+    "maxInNorm": finite_above(0), "maxOutNorm": finite_above(0), "threads": int_at_least(1),
+    "devid": (lambda v: isinstance(v, int) and v >= 1, ">= 1 (1-based)"), "nGPU": int_at_least(1),
+    "visualize": one_of_ints(0, 1), "alignment": int_at_least(0),
+    "lr_gamma": finite_above(0), "resize": int_at_least(0),
+    "seed": (lambda v: v is None or (isinstance(v, int) and 0 <= v < SEED_LIMIT), "in [0, 2**63)"),
+}  # fmt: skip
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "int | None": (int, type(None))}
 
 
 def cxx_compiler() -> str | None:
@@ -41,89 +77,91 @@ def _default_type() -> str:
     return "cuda" if torch.cuda.is_available() else "float"
 
 
-def opt(default, help: str, **kw):
+def option(default, help: str, **kw):
     """A field whose help text (with unit) lives beside its default."""
     return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class Options:
-    # --- model (SPEC §2) ---
-    modelsFolder: str = opt("./Models/", "folder searched for <network>.py model files")
-    network: str = opt("mlp", "network: mlp | conv (also mlp.lua, conv.lua) | lenet | a file in modelsFolder")
-    criterion: str = opt("bce", "loss: bce (binary cross-entropy) | ce (cross-entropy)")
-    dropout: int = opt(0, "dropout: 0 off, 1 on; 2 = mlp: input dropout only, conv: conv-layer dropout only")
-    batchnorm: int = opt(0, "batch normalization: 0 off, 1 on; 2 = conv: second conv only (mlp: none)")
-    nonlin: str = opt("tanh", "nonlinearity: tanh | sigm | relu")
-    num_layers: int = opt(2, "hidden layers of mlp (count)")
-    num_hidden: int = opt(800, "units per hidden layer of mlp (count)")
-    bias: int = opt(1, "1 = use biases, 0 = biases fixed at zero")
-    rfb_mag: float = opt(
+    # --- model (docs/original.md §2) ---
+    modelsFolder: str = option("./Models/", "folder searched for <network>.py model files")
+    network: str = option(
+        "mlp", "network: mlp | conv (also mlp.lua, conv.lua) | lenet | a file in modelsFolder"
+    )
+    criterion: str = option("bce", "loss: bce (binary cross-entropy) | ce (cross-entropy)")
+    dropout: int = option(
+        0, "dropout: 0 off, 1 on; 2 = mlp: input dropout only, conv: conv-layer dropout only"
+    )
+    batchnorm: int = option(0, "batch normalization: 0 off, 1 on; 2 = conv: second conv only (mlp: none)")
+    nonlin: str = option("tanh", "nonlinearity: tanh | sigm | relu")
+    num_layers: int = option(2, "hidden layers of mlp (count)")
+    num_hidden: int = option(800, "units per hidden layer of mlp (count)")
+    bias: int = option(1, "1 = use biases, 0 = biases fixed at zero")
+    rfb_mag: float = option(
         0.0,
-        "feedback magnitude X: 0 = SPEC §1 (fa: copy of the initial W; dfa: "
+        "feedback magnitude X: 0 = docs/original.md §1 (fa: copy of the initial W; dfa: "
         "U[±1/sqrt(n_i)], n_i = tap size), X > 0: U[-X, X]",
     )
-    gradient: str = opt("dfa", "learning rule: bp | fa | dfa")
-    # --- optimisation (SPEC §4) ---
-    eps: float = opt(0.0, "adversarial (fast gradient sign) step, in preprocessed input units; 0 off")
-    accGradient: int = opt(0, "1 = add the clean gradient to the adversarial one (if eps > 0)")
-    LR: float = opt(1e-4, "learning rate")
-    LRDecay: float = opt(0.0, "LR decay per step: lr_t = LR / (1 + t·LRDecay) (sgd, adam, adagrad)")
-    weightDecay: float = opt(0.0, "L2 penalty added to the gradient (coefficient)")
-    momentum: float = opt(0.0, "momentum (sgd only)")
-    batchSize: int = opt(64, "mini-batch size (samples)")
-    optimization: str = opt("rmsprop", "optimizer: " + " | ".join(OPTIMIZERS))
-    epoch: int = opt(300, "epochs to train (-1 = unbounded)")
-    epoch_step: int = opt(-1, "LR halving: -1 never, 0 auto (on no improvement), k > 0 every k epochs")
-    maxInNorm: float = opt(400.0, "max L2 norm of each weight slice along the last dim (400 = off)")
-    maxOutNorm: float = opt(400.0, "max L2 norm of each weight slice along dim 0 (400 = off)")
-    # --- data (SPEC §5) ---
-    dataset: str = opt("MNIST", "dataset: " + " | ".join(DATASETS))
-    datapath: str = opt("./Datasets/", "folder holding <dataset>/ with the official files")
-    normalization: str = opt("scale", "normalization: " + " | ".join(NORMALIZATIONS))
-    format: str = opt("rgb", "colour format: rgb | yuv")
-    whiten: bool = opt(False, "ZCA-whiten the data (replaces normalization)")
-    augment: bool = opt(False, "augment training images (random crop, flip, rescale)")
-    preProcDir: str = opt("./PreProcData/", "folder caching fitted preprocessing constants")
-    validate: bool = opt(False, "hold out the last 10k training images as the test set")
-    # --- platform and artefacts (SPEC §6) ---
-    threads: int = opt(8, "CPU threads for torch (count)")
+    gradient: str = option("dfa", "learning rule: bp | fa | dfa")
+    # --- optimisation (docs/original.md §4) ---
+    eps: float = option(0.0, "adversarial (fast gradient sign) step, in preprocessed input units; 0 off")
+    accGradient: int = option(0, "1 = add the clean gradient to the adversarial one (if eps > 0)")
+    LR: float = option(1e-4, "learning rate")
+    LRDecay: float = option(0.0, "LR decay per step: lr_t = LR / (1 + t·LRDecay) (sgd, adam, adagrad)")
+    weightDecay: float = option(0.0, "L2 penalty added to the gradient (coefficient)")
+    momentum: float = option(0.0, "momentum (sgd only)")
+    batchSize: int = option(64, "mini-batch size (samples)")
+    optimization: str = option("rmsprop", "optimizer: " + " | ".join(tuple(OPTIMIZERS)))
+    epoch: int = option(300, "epochs to train (-1 = unbounded)")
+    epoch_step: int = option(-1, "LR halving: -1 never, 0 auto (on no improvement), k > 0 every k epochs")
+    maxInNorm: float = option(MAX_NORM_OFF, f"max L2 norm of each weight slice along the last dim "
+                              f"({MAX_NORM_OFF:g} = off)")
+    maxOutNorm: float = option(MAX_NORM_OFF, f"max L2 norm of each weight slice along dim 0 "
+                               f"({MAX_NORM_OFF:g} = off)")
+    # --- data (docs/original.md §5) ---
+    dataset: str = option("MNIST", "dataset: " + " | ".join(tuple(DATASETS)))
+    datapath: str = option("./Datasets/", "folder holding <dataset>/ with the official files")
+    normalization: str = option("scale", "normalization: " + " | ".join(tuple(NORMALIZATIONS)))
+    format: str = option("rgb", "colour format: " + " | ".join(FORMATS))
+    whiten: bool = option(False, "ZCA-whiten the data (replaces normalization)")
+    augment: bool = option(False, "augment training images (random crop, flip, rescale)")
+    preProcDir: str = option("./PreProcData/", "folder caching fitted preprocessing constants")
+    validate: bool = option(False, "hold out the last 10k training images as the test set")
+    # --- platform and artefacts (docs/original.md §6) ---
+    threads: int = option(8, "CPU threads for torch (count)")
     type: str = field(
         default_factory=_default_type,
         metadata={"help": "float (CPU) | cuda (GPU); default cuda if a GPU is present"},
     )
-    devid: int = opt(1, "GPU id, 1-based as the original")
-    nGPU: int = opt(1, "processes (GPUs) for data parallelism: N > 1 launches torchrun")
-    load: str = opt("none", "file with network weights to start from (none = fresh)")
-    save: str = opt("", "run directory (default: ./runs/<timestamp>)")
-    visualize: int = opt(0, "1 = plot the error curves to errors.png")
+    devid: int = option(1, "GPU id, 1-based as the original")
+    nGPU: int = option(1, "processes (GPUs) for data parallelism: N > 1 launches torchrun")
+    load: str = option("none", "file with network weights to start from (none = fresh)")
+    save: str = option("", "run directory (default: ./runs/<timestamp>)")
+    visualize: int = option(0, "1 = plot the error curves to errors.png")
     # --- feedalign additions ---
-    seed: int | None = opt(None, "random seed (default: drawn, then saved in options.json)")
-    quiet: bool = opt(False, "no progress bar")
-    tensorboard: bool = opt(False, "also write TensorBoard event files (needs tensorboard)")
-    alignment: int = opt(0, "every N steps log alignment angles with back-prop (0 = off)")
-    error_at: str = opt("logits", "dfa error: logits (dL/dy) | output (the original's under ce)")
-    svhn_extra: bool = opt(True, "SVHN: train on train + extra (as the original)")
-    amp: str = opt("none", "autocast on cuda: none | bf16")
-    compile_optimizer: bool = opt(
+    seed: int | None = option(None, "random seed (default: drawn, then saved in options.json)")
+    quiet: bool = option(False, "no progress bar")
+    tensorboard: bool = option(False, "also write TensorBoard event files (needs tensorboard)")
+    alignment: int = option(0, "every N steps log alignment angles with back-prop (0 = off)")
+    error_at: str = option("logits", "dfa error: logits (dL/dy) | output (the original's under ce)")
+    svhn_extra: bool = option(True, "SVHN: train on train + extra (as the original)")
+    amp: str = option("none", "autocast on cuda: none | bf16")
+    compile_optimizer: bool = option(
         False,
         "run the optimizer step as one torch.compile'd kernel (faster; "
         "compiles for ~20 s on first use; needs a C++ compiler on the CPU)",
     )
-    lr_milestones: str = opt(
+    lr_milestones: str = option(
         "", "step LR schedule: epochs after which LR is multiplied by lr_gamma, e.g. 50,75 (empty = off)"
     )
-    lr_gamma: float = opt(0.1, "LR factor applied at each of lr_milestones")
-    resize: int = opt(0, "resize images to resize×resize (bilinear) before preprocessing; 0 = as stored")
+    lr_gamma: float = option(0.1, "LR factor applied at each of lr_milestones")
+    resize: int = option(0, "resize images to resize×resize (bilinear) before preprocessing; 0 = as stored")
 
     def check(self) -> Options:
-        """Refuse impossible values before any work starts (ValueError lists what is allowed)."""
-        choices = {
-            "criterion": tuple(CRITERIA), "nonlin": tuple(NONLINS), "gradient": RULES,
-            "optimization": OPTIMIZERS, "normalization": NORMALIZATIONS, "format": FORMATS,
-            "type": TYPES, "amp": AMP, "error_at": ("logits", "output"),
-        }  # fmt: skip
-        for name, allowed in choices.items():
+        """Refuse impossible values before any work starts (OptionError lists what is allowed)."""
+        self.check_types()
+        for name, allowed in _choices().items():
             if getattr(self, name) not in allowed:
                 raise OptionError(
                     f"-{name} {getattr(self, name)!r} is not allowed; choose one of {', '.join(allowed)}"
@@ -132,25 +170,10 @@ class Options:
         if self.dataset.lower() not in ds:
             raise OptionError(f"-dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
         self.dataset = ds[self.dataset.lower()]
-        ranges = [
-            ("LR", self.LR > 0, "> 0"), ("batchSize", self.batchSize >= 1, ">= 1"),
-            ("epoch", self.epoch == -1 or self.epoch >= 1, "-1 or >= 1"),
-            ("epoch_step", self.epoch_step >= -1, "-1, 0 or > 0"),
-            ("dropout", self.dropout in (0, 1, 2), "0, 1 or 2"),
-            ("batchnorm", self.batchnorm in (0, 1, 2), "0, 1 or 2"),
-            ("num_layers", self.num_layers >= 1, ">= 1"), ("num_hidden", self.num_hidden >= 1, ">= 1"),
-            ("bias", self.bias in (0, 1), "0 or 1"), ("accGradient", self.accGradient in (0, 1), "0 or 1"),
-            ("eps", self.eps >= 0, ">= 0"), ("rfb_mag", self.rfb_mag >= 0, ">= 0"),
-            ("LRDecay", self.LRDecay >= 0, ">= 0"), ("weightDecay", self.weightDecay >= 0, ">= 0"),
-            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-            ("maxInNorm", self.maxInNorm > 0, "> 0"), ("maxOutNorm", self.maxOutNorm > 0, "> 0"),
-            ("threads", self.threads >= 1, ">= 1"), ("devid", self.devid >= 1, ">= 1 (1-based)"),
-            ("nGPU", self.nGPU >= 1, ">= 1"), ("visualize", self.visualize in (0, 1), "0 or 1"),
-            ("alignment", self.alignment >= 0, ">= 0"),
-        ]  # fmt: skip
-        for name, ok, allowed in ranges:
-            if not ok:
-                raise OptionError(f"-{name} {getattr(self, name)!r} is not allowed; it must be {allowed}")
+        check_limits(self.to_dict(), LIMITS, prefix="-", error=OptionError)
+        if self.batchnorm and self.batchSize == 1:
+            raise OptionError("-batchSize 1 with -batchnorm: BatchNorm cannot normalise a batch of one "
+                              "sample; use -batchSize 2 or more, or -batchnorm 0")  # fmt: skip
         self._check_step_schedule()
         self._check_files_and_shapes()
         if self.type == "cuda":
@@ -174,17 +197,13 @@ class Options:
         return self
 
     def _check_step_schedule(self) -> None:
-        """-lr_milestones parses as increasing positive epochs; -lr_gamma > 0; -resize >= 0."""
+        """-lr_milestones parses as increasing positive epochs (-lr_gamma, -resize: LIMITS)."""
         from feedalign.train.optim import parse_milestones
 
         try:
             parse_milestones(self.lr_milestones)
         except ValueError as err:
             raise OptionError(f"-lr_milestones: {err}") from None
-        if not self.lr_gamma > 0:
-            raise OptionError(f"-lr_gamma {self.lr_gamma!r} is not allowed; it must be > 0")
-        if self.resize < 0:
-            raise OptionError(f"-resize {self.resize!r} is not allowed; it must be 0 (off) or a size >= 1")
 
     def _check_files_and_shapes(self) -> None:
         """The network exists, fits the dataset's images, and -load names a file."""
@@ -206,6 +225,14 @@ class Options:
                                   f"{self.dataset} has {shape}: use -network mlp")  # fmt: skip
         if self.load != "none" and not Path(self.load).is_file():
             raise OptionError(f"-load {self.load}: no such file")
+
+    def check_types(self) -> None:
+        """Each value has its field's type (options.json or a library caller may say "1e-3")."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            wanted = _TYPES[str(f.type)]
+            if not isinstance(value, wanted) or (isinstance(value, bool) and f.type != "bool"):
+                raise OptionError(f"-{f.name} {value!r}: expected {f.type}, got {type(value).__name__}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""One epoch of training and one evaluation pass (SPEC §4). Rule-agnostic: the
+"""One epoch of training and one evaluation pass (docs/original.md §4). Rule-agnostic: the
 learning rule lives inside the model; this file calls `loss.backward()` and steps.
 
 Host synchronisation: per batch nothing is read back to the host. Errors and
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from feedalign.rules import backprop
-from feedalign.train.optim import Schedule, Stepper, max_norm_, zero_biases_
+from feedalign.train.optim import MAX_NORM_OFF, Optimizer, Schedule, max_norm_, zero_biases_
 
 SYNC_EVERY = 25  # batches between host reads (progress bar, NaN check, stop agreement)
 
@@ -29,28 +29,33 @@ class Diverged(RuntimeError):
 
 
 class StopFlag:
-    """Set by SIGINT (Ctrl-C); the loop stops at the next batch boundary.
-    A second Ctrl-C raises KeyboardInterrupt at once."""
+    """Set by SIGINT (Ctrl-C) or SIGTERM (what a cluster scheduler sends before SIGKILL):
+    the loop stops at the next batch boundary and the run checkpoints. A second
+    signal raises KeyboardInterrupt at once. `signum`: the signal that asked."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: int = signal.SIGINT
+        self._previous: dict[int, object] = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __enter__(self) -> StopFlag:
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: no handler, no Ctrl-C checkpoint
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: no handler, no checkpoint on a signal
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 @dataclass
@@ -58,8 +63,8 @@ class EpochState:
     """Where an epoch stands: enough to continue it after an interruption."""
 
     batch: int = 0  # batches completed
-    wrong: Tensor | None = None  # misclassified training samples, (1,) on device
-    loss_sum: Tensor | None = None  # Σ batch mean loss × batch size, (1,) on device
+    wrong: Tensor | None = None  # misclassified training samples, () float64 on device
+    loss_sum: Tensor | None = None  # Σ batch mean loss × batch size, () float64 on device (no overflow)
     seen: int = 0  # training samples so far
     seconds: float = 0.0
     extras: dict = field(default_factory=dict)  # per-epoch sums of diagnostics
@@ -75,18 +80,19 @@ def autocast(device: torch.device, amp: torch.dtype | None):
 
 
 @dataclass
-class Step:
-    """The pieces one training step needs."""
+class TrainingStep:
+    """One training step (forward, backward by the model's rule, optimizer update) and
+    the pieces it needs; called once per batch."""
 
     model: nn.Module
     criterion: nn.Module
-    stepper: Stepper
+    optimizer: Optimizer
     schedule: Schedule
     eps: float = 0.0  # adversarial step size, preprocessed input units
     acc_gradient: bool = False
-    max_out: float = 400.0
-    max_in: float = 400.0
-    bias: bool = True
+    max_out: float = MAX_NORM_OFF
+    max_in: float = MAX_NORM_OFF
+    train_biases: bool = True  # False (-bias 0): biases are held at zero
     amp: torch.dtype | None = None
 
     def _forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,21 +104,21 @@ class Step:
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One update; returns (logits, loss) of the clean forward pass."""
-        if self.max_out < 400 or self.max_in < 400:
-            max_norm_(self.model, self.max_out, self.max_in)  # before the gradient (SPEC §4)
-        self.stepper.zero_grad()
+        if self.max_out < MAX_NORM_OFF or self.max_in < MAX_NORM_OFF:
+            max_norm_(self.model, self.max_out, self.max_in)  # before the gradient (docs/original.md §4)
+        self.optimizer.zero_grad()
         if self.eps > 0:
             out, loss = self._adversarial(x, y)
         else:
             out, loss = self._forward(x, y)
             loss.backward()
-        self.stepper.step(self.schedule.lr)
-        if not self.bias:
+        self.optimizer.step(self.schedule.lr)
+        if not self.train_biases:
             zero_biases_(self.model)
         return out, loss
 
     def _adversarial(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Fast gradient sign (SPEC §4): the first backward is true back-prop whatever
+        """Fast gradient sign (docs/original.md §4): the first backward is true back-prop whatever
         the rule, giving dE/dx; its parameter gradients are kept only with accGradient;
         the rule's gradients on x + eps·sign(dE/dx) are added."""
         x = x.detach().requires_grad_(True)
@@ -120,20 +126,20 @@ class Step:
             out, loss = self._forward(x, y)
         loss.backward()
         if not self.acc_gradient:
-            self.stepper.zero_grad()
+            self.optimizer.zero_grad()
         x_adv = (x + self.eps * x.grad.sign()).detach()  # no clipping, as the original
         self._forward(x_adv, y)[1].backward()
         return out, loss
 
 
-def train_epoch(step: Step, loader, state: EpochState, *, stop: StopFlag, progress: bool,
+def train_epoch(step: TrainingStep, loader, state: EpochState, *, stop: StopFlag, progress: bool,
                 reduce=None, on_batch=None, desc: str = "") -> EpochState:  # fmt: skip
     """Run the rest of the epoch from `state.batch`. Returns the state; `state.batch <
     len(loader)` means it stopped early on request (Ctrl-C)."""
     device = loader.device
     if state.wrong is None:
-        state.wrong = torch.zeros((), device=device)
-        state.loss_sum = torch.zeros((), device=device)
+        state.wrong = torch.zeros((), device=device, dtype=torch.float64)
+        state.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     losses = torch.full((len(loader),), float("nan"), device=device)  # per batch, for the NaN check
     losses[: state.batch] = 0.0
     step.model.train()
@@ -148,7 +154,7 @@ def train_epoch(step: Step, loader, state: EpochState, *, stop: StopFlag, progre
             with torch.no_grad():
                 losses[i] = loss.detach()
                 state.wrong += (out.argmax(1) != y).sum()
-                state.loss_sum += loss.detach() * len(y)
+                state.loss_sum += loss.detach().double() * len(y)
             state.seen += len(y)
             state.batch = i + 1
             done += 1

@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedule, stopping rules and max-norm (SPEC §4).
+"""Optimizers, learning-rate schedule, stopping rules and max-norm (docs/original.md §4).
 
 The optimizers are torch.optim's, configured to match the original's `optim`
 package: RMSprop m = 0.99·m + 0.01·g², x -= LR·g/(sqrt(m) + 1e-8) (no momentum,
@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+MAX_NORM_OFF = 400.0  # -maxInNorm / -maxOutNorm at or above this: no renormalisation (docs/original.md §4)
 
 # name -> (factory(params, opts), applies LRDecay)
 OPTIMIZERS = {
@@ -31,7 +33,7 @@ OPTIMIZERS = {
 }  # fmt: skip
 
 
-class Stepper:
+class Optimizer:
     """One optimizer step with the original's LRDecay: lr_t = lr / (1 + t·LRDecay),
     t = steps taken so far (SGD, Adam, Adagrad). `lr` is the schedule's current LR.
 
@@ -101,7 +103,7 @@ def parse_milestones(text: str) -> tuple[int, ...]:
 
 
 class Schedule:
-    """SPEC §4's LR schedule and stopping rules, driven by the epoch's training error.
+    """docs/original.md §4's LR schedule and stopping rules, driven by the epoch's training error.
 
     m_t = 0.75·m_{t−1} + 0.25·err_t, m_0 = 1.
     epoch_step −1: constant LR; 0 ("auto"): stop once halved 8 times or m_t ≤ 1e-4,
@@ -156,20 +158,20 @@ class Schedule:
 @torch.no_grad()
 def max_norm_(model: nn.Module, max_out: float, max_in: float) -> None:
     """Renormalise every parameter with 2+ dims: each slice along dim 0 to L2 norm
-    ≤ max_out, then each slice along the last dim to ≤ max_in (400 = off, SPEC §4)."""
+    ≤ max_out, then each slice along the last dim to ≤ max_in (MAX_NORM_OFF = off, docs/original.md §4)."""
     for p in model.parameters():
         if p.dim() < 2:
             continue
-        if max_out < 400:
+        if max_out < MAX_NORM_OFF:
             p.copy_(torch.renorm(p, 2, 0, max_out))
-        if max_in < 400:
+        if max_in < MAX_NORM_OFF:
             p.copy_(torch.renorm(p, 2, p.dim() - 1, max_in))
 
 
 @torch.no_grad()
 def zero_biases_(model: nn.Module) -> None:
     """`-bias 0`: every module's `bias` parameter (Linear, Conv, BatchNorm's β) is set
-    to zero after every step, SPEC §4's "all biases"."""
+    to zero after every step, docs/original.md §4's "all biases"."""
     for m in model.modules():
         if isinstance(getattr(m, "bias", None), nn.Parameter):
             m.bias.zero_()

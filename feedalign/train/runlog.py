@@ -1,9 +1,18 @@
-"""A run's evidence (STYLE §11): options.json, env.json, metrics.jsonl,
-ErrorRate.log (the original's two columns), errors.png, TensorBoard events."""
+"""A run's evidence: options.json, env.json, metrics.jsonl, ErrorRate.log (the
+original's two columns), errors.png, TensorBoard events.
+
+Every file goes through feedalign/files.py: whole files are replaced atomically,
+the two logs are appended without following a planted symlink. Records are plain
+JSON: a non-finite number (an `inf` test loss) is written as null, never as the
+`Infinity` that JSON readers reject.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import math
 import os
 import platform
 import subprocess
@@ -13,12 +22,34 @@ from pathlib import Path
 
 import torch
 
+from feedalign.files import append_line, atomic_write, atomic_write_text
+
 METRICS = "metrics.jsonl"
+ERROR_RATE = "ErrorRate.log"
 FINISHED = "finished.json"
+
+log = logging.getLogger("feedalign")
+
+
+class RunFileError(ValueError):
+    """A file of a run directory (options.json, metrics.jsonl) that cannot be read as written."""
 
 
 def default_run_dir() -> Path:
-    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    """runs/<date>-<time>-<microseconds>-<pid>: the pid separates processes started in
+    the same microsecond; within a process a name already taken gets a suffix."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    base = Path("runs") / f"{stamp}-{int(now % 1 * 1e6):06d}-{os.getpid()}"
+    path, n = base, 1
+    while path.exists() or path in _NAMED:
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    _NAMED.add(path)
+    return path
+
+
+_NAMED: set[Path] = set()  # names this process handed out (their folders may not exist yet)
 
 
 def git_commit() -> str | None:
@@ -32,10 +63,36 @@ def git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def finite_json(obj):
+    """`obj` with every non-finite float replaced by None (JSON has no inf or nan)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj, **kw) -> str:
+    return json.dumps(finite_json(obj), allow_nan=False, **kw)
+
+
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a run directory, or RunFileError naming the file and the fault."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RunFileError(f"{path}: not valid JSON ({err}); restore it from a copy") from None
+    except UnicodeDecodeError as err:
+        raise RunFileError(f"{path}: not a text file ({err})") from None
+    if not isinstance(obj, dict):
+        raise RunFileError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
 
 
 def environment(device: torch.device) -> dict:
@@ -52,14 +109,30 @@ def environment(device: torch.device) -> dict:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / METRICS
+    """The records of metrics.jsonl. A torn last line (a crash mid-write) is left out
+    with a warning; a bad line before the last is an error naming the file and line."""
+    path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise ValueError("not a record with an integer epoch")
+        except ValueError as err:
+            if i == len(lines):
+                log.warning(f"{path}: the last line is incomplete (a crash while writing?); it is left out")
+                break
+            raise RunFileError(f"{path}, line {i}: not a metrics record ({err})") from None
+        records.append(record)
+    return records
 
 
 class RunLog:
-    """Appends one record per epoch; on resume, keeps only epochs ≤ the checkpoint's."""
+    """Appends one record per epoch; on resume, keeps only epochs ≤ the checkpoint's
+    (and so repairs a torn last line)."""
 
     def __init__(self, run_dir: Path, *, resume_epoch: int = 0, visualize: bool = False,
                  tensorboard: bool = False) -> None:  # fmt: skip
@@ -69,22 +142,19 @@ class RunLog:
         self._rewrite()
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # checked by the CLI beforehand
+            from torch.utils.tensorboard import SummaryWriter  # checked by resolve() beforehand
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def _rewrite(self) -> None:
-        lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        (self.dir / METRICS).write_text(lines)
-        log = "Training Error\tTest Error\n" + "".join(map(_error_rate_line, self.records))
-        (self.dir / "ErrorRate.log").write_text(log)
+        atomic_write_text(self.dir / METRICS, "".join(dumps(r) + "\n" for r in self.records))
+        log_text = "Training Error\tTest Error\n" + "".join(map(_error_rate_line, self.records))
+        atomic_write_text(self.dir / ERROR_RATE, log_text)
 
     def add(self, record: dict) -> None:
         self.records.append(record)
-        with open(self.dir / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        with open(self.dir / "ErrorRate.log", "a") as f:
-            f.write(_error_rate_line(record))
+        append_line(self.dir / METRICS, dumps(record))
+        append_line(self.dir / ERROR_RATE, _error_rate_line(record))
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "epoch":
@@ -121,7 +191,7 @@ def plot_errors(records: list[dict], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))

@@ -1,41 +1,60 @@
-"""`train(options)`: a whole run — data, model, resume, epochs, evidence (SPEC §4–6).
+"""`train(options)`: a whole run — data, model, resume, epochs, evidence (docs/original.md §4–6).
+
+Read `train()` top to bottom: open the run directory, restore, load the data, build
+the run, then one epoch after another, each ending with a record and a checkpoint.
+Distributed details (RNG gathering, partial sums, BatchNorm averaging) live in
+feedalign/dist.py; the run directory's checks and lock in rundir.py.
 
 The run directory (rank 0 writes it):
     options.json   resolved options (seed included)      env.json   versions, device, commit
     metrics.jsonl  one object per epoch                   ErrorRate.log  the original's two columns
     checkpoint.pt  after every epoch and on Ctrl-C        finished.json  why and when it ended
     errors.png     with -visualize 1                      tensorboard/   with --tensorboard
+    .lock          held by the process training in it
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+import shlex
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from feedalign import dist
 from feedalign.losses import make_criterion
 from feedalign.models import build_model, feedback
 from feedalign.train import checkpoint as ckpt
+from feedalign.train import rundir
 from feedalign.train.config import OptionError, Options
-from feedalign.train.loop import Diverged, EpochState, Step, StopFlag, evaluate, train_epoch
+from feedalign.train.loop import Diverged, EpochState, StopFlag, TrainingStep, evaluate, train_epoch
 from feedalign.train.memory import keep_freed_memory
-from feedalign.train.optim import Schedule, Stepper, parse_milestones
-from feedalign.train.runlog import RunLog, default_run_dir, environment, write_json
+from feedalign.train.optim import Optimizer, Schedule, parse_milestones
+from feedalign.train.runlog import (
+    FINISHED,
+    RunLog,
+    default_run_dir,
+    environment,
+    write_json,
+)
 
 log = logging.getLogger("feedalign")
 
 
 class Interrupted(RuntimeError):
-    """Ctrl-C: a checkpoint was written; `feedalign train --resume DIR` continues."""
+    """Ctrl-C or SIGTERM: a checkpoint was written (or the last one kept); the message
+    says how to continue. `signum` is the signal that stopped the run."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -51,8 +70,8 @@ class Data:
         return tuple(self.train_x.shape[1:])
 
 
-def load_data(opts: Options, device: torch.device, *, split: str = "test") -> Data:
-    """The dataset as SPEC §5 prepares it, moved to `device` once."""
+def load_data(opts: Options, device: torch.device) -> Data:
+    """The dataset as docs/original.md §5 prepares it, moved to `device` once."""
     from feedalign.data import load_dataset
     from feedalign.preprocess import prepare
 
@@ -67,7 +86,7 @@ def load_data(opts: Options, device: torch.device, *, split: str = "test") -> Da
     return Data(train_x, train.labels.to(device), test_x, test.labels.to(device), list(train.classes))
 
 
-def make_model(opts: Options, data: Data, device: torch.device) -> torch.nn.Module:
+def make_model(opts: Options, data: Data, device: torch.device) -> nn.Module:
     model = build_model(
         opts.network, data.input_shape, len(data.classes), gradient=opts.gradient, nonlin=opts.nonlin,
         num_layers=opts.num_layers, num_hidden=opts.num_hidden, dropout=opts.dropout,
@@ -90,164 +109,242 @@ def resolve(opts: Options) -> Options:
     return opts
 
 
-def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int, int] | None = None) -> Path:
-    """Train as SPEC §4 and return the run directory.
+def resume_command(run_dir: Path) -> str:
+    """The shell command that continues `run_dir` (quoted: paths may hold spaces)."""
+    return f"feedalign train --resume {shlex.quote(str(run_dir))}"
 
-    resume: a run directory to continue (its options.json is used; `opts` may only
-        change the options in feedalign.train.cli.RESUME_MAY_CHANGE — the CLI enforces it).
+
+def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int, int] | None = None,
+          trust_model_file: bool = False) -> Path:  # fmt: skip
+    """Train as docs/original.md §4 and return the run directory.
+
+    resume: a run directory to continue. `opts` must be its options (options.json)
+        except for those in config.RESUME_MAY_CHANGE; other changes are refused. A
+        finished run is left as it is unless a larger `epoch` extends it.
     stop_at: (epoch, batch) — behave as if Ctrl-C came after that batch (tests).
-    Raises Interrupted (checkpoint written) or Diverged (last good checkpoint kept).
+    trust_model_file: on resume, allow importing the model file the run directory
+        names (network + modelsFolder); without it such a run is refused.
+    Raises Interrupted (checkpoint written), Diverged (last good checkpoint kept),
+    RunDirBusy (another process trains there), OptionError and friends (nothing written).
     """
+    run_dir = Path(resume) if resume else Path(opts.save) if opts.save else default_run_dir()
+    if resume:
+        before = rundir.saved_options(run_dir)
+        rundir.check_trusted(opts, run_dir, trust_model_file)  # before check() imports anything
+        rundir.check_resume_options(opts, before, run_dir)
+    rt = _start(opts, run_dir)
+    with rundir.owned(run_dir, is_main=rt.is_main):
+        saved = _restore_point(run_dir, resume, rt)
+        if resume and rundir.already_finished(opts, before, saved["epoch"], (run_dir / FINISHED).exists()):
+            log.info(f"{run_dir} has finished ({saved['epoch']} epochs); nothing to do. A larger "
+                     "-epoch extends it")  # fmt: skip
+            return run_dir
+        data = _load_data_in_rank_order(opts, rt)
+        run = Run.build(opts, rt, run_dir, data, saved)  # refuses a checkpoint of another network
+        if rt.is_main:  # all checks passed: the first writes
+            _record_start(run_dir, opts, rt, resumed=resume is not None)
+            run.runlog = RunLog(run_dir, resume_epoch=run.first_epoch - 1, visualize=opts.visualize == 1,
+                                tensorboard=opts.tensorboard)  # fmt: skip
+        on_batch = _batch_hook(opts, run, stop_at)
+        with StopFlag() as stop:
+            try:
+                epoch = run.first_epoch
+                while (opts.epoch == -1 or epoch <= opts.epoch) and not run.epoch(epoch, stop, on_batch):
+                    epoch += 1
+            except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
+                raise Interrupted(f"interrupted again: stopped at once; the last checkpoint is kept. "
+                                  f"Continue with: {resume_command(run_dir)}") from None  # fmt: skip
+    return run_dir
+
+
+def _start(opts: Options, run_dir: Path) -> dist.Runtime:
+    """Options resolved, paths checked, this process's runtime set up."""
     resolve(opts)
+    rundir.check_paths(opts, run_dir)
     torch.set_num_threads(opts.threads)
     rt = dist.setup(opts.type, opts.devid)
     opts.seed = rt.agree(opts.seed)  # without -seed every process drew its own: rank 0's for all
     if rt.device.type == "cpu":
         keep_freed_memory()  # no page faults on the buffers every step re-allocates
-    if not rt.is_main:  # one voice: rank 0 reports, the others only warn
-        logging.getLogger("feedalign").setLevel(logging.WARNING)
-    run_dir = Path(resume) if resume else Path(opts.save) if opts.save else default_run_dir()
-    saved = ckpt.load(run_dir / ckpt.CHECKPOINT) if resume else None
-    if saved is None and (run_dir / ckpt.CHECKPOINT).exists():
-        raise OptionError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                          "or choose another -save directory")  # fmt: skip
-    if saved is not None and saved.get("world_size", 1) != rt.world_size:
-        n = saved.get("world_size", 1)
+    rt.one_voice()
+    return rt
+
+
+def _restore_point(run_dir: Path, resume: str | Path | None, rt: dist.Runtime) -> dict | None:
+    """The checkpoint to continue from (verified), or None for a fresh run."""
+    path = run_dir / ckpt.CHECKPOINT
+    if not resume:
+        if path.exists():
+            raise OptionError(f"{run_dir} already holds a run; continue it with --resume "
+                              f"{shlex.quote(str(run_dir))}, or choose another -save directory")  # fmt: skip
+        return None
+    saved = ckpt.load(path)
+    n = saved.get("world_size", 1)
+    if n != rt.world_size:
         how = f"torchrun --nproc-per-node {n} -m feedalign train" if n > 1 else "feedalign train"
         raise OptionError(
-            f"{run_dir} was trained by {n} process(es), not {rt.world_size}: its shuffle "
-            f"shards and checkpoint are per process. Resume it with: {how} --resume {run_dir}"
+            f"{run_dir} was trained by {n} process(es), not {rt.world_size}: its shuffle shards and "
+            f"checkpoint are per process. Resume it with: {how} --resume {shlex.quote(str(run_dir))}"
         )
-    if rt.is_main:
-        data = load_data(opts, rt.device)  # rank 0 first: it fits and caches the preprocessing
-    rt.barrier()
-    if not rt.is_main:
-        data = load_data(opts, rt.device)
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "finished.json").unlink(missing_ok=True)
-        write_json(run_dir / "options.json", opts.to_dict())
-        env = environment(rt.device) | {"world_size": rt.world_size}
-        write_json(run_dir / ("env.json" if not resume else f"env.resume{int(time.time())}.json"), env)
+    return saved
 
-    model = make_model(opts, data, rt.device)
-    if opts.load != "none":
-        ckpt.load_weights(model, opts.load)
-    criterion = make_criterion(opts.criterion)
-    dist.check_same_feedback(rt, feedback(model))
-    stepper = Stepper(model.parameters(), opts)
-    schedule = Schedule(opts.LR, opts.epoch_step, opts.epoch, milestones=parse_milestones(opts.lr_milestones),
-                        gamma=opts.lr_gamma)  # fmt: skip
-    first_epoch, state = 1, EpochState()
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        stepper.load_state_dict(saved["stepper"])
-        schedule.load_state_dict(saved["schedule"])
-        first_epoch = saved["epoch"] + 1
-        state = EpochState(**saved["epoch_state"])
-        if state.wrong is not None:  # the epoch's partial sums (over all ranks) restart on rank 0
-            keep = 1.0 if rt.is_main else 0.0
-            state.wrong, state.loss_sum = (
-                state.wrong.to(rt.device) * keep,
-                state.loss_sum.to(rt.device) * keep,
-            )
-            state.seen = state.seen if rt.is_main else 0
-        ckpt.set_rng_state(saved["rng"][rt.rank] if rt.distributed else saved["rng"][0], rt.device)
-        log.info(f"resuming {run_dir} at epoch {first_epoch}, batch {state.batch}")
-    else:
-        torch.manual_seed(opts.seed + 7919 * rt.rank)  # dropout masks: seeded, different per rank
-    ddp_model = dist.wrap(model, rt, batch_reduction=getattr(criterion, "batch_reduction", "mean"))
-    step = Step(ddp_model, criterion, stepper, schedule, eps=opts.eps, acc_gradient=bool(opts.accGradient),
-                max_out=opts.maxOutNorm, max_in=opts.maxInNorm, bias=bool(opts.bias),
-                amp=torch.bfloat16 if opts.amp == "bf16" else None)  # fmt: skip
+
+def _load_data_in_rank_order(opts: Options, rt: dist.Runtime) -> Data:
+    """Rank 0 first: it fits and caches the preprocessing the others then read."""
+    data = load_data(opts, rt.device) if rt.is_main else None
+    rt.barrier()
+    return data if data is not None else load_data(opts, rt.device)
+
+
+def _record_start(run_dir: Path, opts: Options, rt: dist.Runtime, *, resumed: bool) -> None:
+    (run_dir / FINISHED).unlink(missing_ok=True)  # an extended run is no longer finished
+    write_json(run_dir / "options.json", opts.to_dict())
+    env = environment(rt.device) | {"world_size": rt.world_size}
+    write_json(run_dir / ("env.json" if not resumed else f"env.resume{int(time.time())}.json"), env)
+
+
+@dataclass
+class Run:
+    """What a run holds while it trains; its methods are the steps of an epoch."""
+
+    opts: Options
+    rt: dist.Runtime
+    dir: Path
+    model: nn.Module
+    optimizer: Optimizer
+    schedule: Schedule
+    step: TrainingStep
+    loader: object  # feedalign.data.EpochLoader
+    test: tuple[Tensor, Tensor]  # this rank's share of the test set
+    first_epoch: int = 1
+    state: EpochState = field(default_factory=EpochState)
+    runlog: RunLog | None = None  # rank 0, once the run directory is written
+
+    @classmethod
+    def build(cls, opts: Options, rt: dist.Runtime, run_dir: Path, data: Data, saved: dict | None) -> Run:
+        model = make_model(opts, data, rt.device)
+        if opts.load != "none":
+            ckpt.load_weights(model, opts.load)
+        criterion = make_criterion(opts.criterion)
+        dist.check_same_feedback(rt, feedback(model))
+        optimizer = Optimizer(model.parameters(), opts)
+        schedule = Schedule(opts.LR, opts.epoch_step, opts.epoch,
+                            milestones=parse_milestones(opts.lr_milestones), gamma=opts.lr_gamma)  # fmt: skip
+        first_epoch, state = _restore(saved, model, optimizer, schedule, rt, run_dir, opts.seed)
+        step = TrainingStep(
+            dist.wrap(model, rt, batch_reduction=getattr(criterion, "batch_reduction", "mean")), criterion,
+            optimizer, schedule, eps=opts.eps, acc_gradient=bool(opts.accGradient), max_out=opts.maxOutNorm,
+            max_in=opts.maxInNorm, train_biases=bool(opts.bias),
+            amp=torch.bfloat16 if opts.amp == "bf16" else None,
+        )  # fmt: skip
+        test = (data.test_x[rt.rank :: rt.world_size], data.test_y[rt.rank :: rt.world_size])
+        log.info(f"{opts.dataset}: {len(data.train_x)} training / {len(data.test_x)} test samples "
+                 f"{data.input_shape}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
+                 f"process(es) on {rt.device}; run directory {run_dir}")  # fmt: skip
+        return cls(opts, rt, run_dir, model, optimizer, schedule, step, _loader(opts, data, rt), test,
+                   first_epoch, state)  # fmt: skip
+
+    def epoch(self, epoch: int, stop: StopFlag, on_batch) -> str | None:
+        """Train epoch `epoch`, record it and checkpoint; return why the run ends, or None."""
+        self.loader.set_epoch(epoch)
+        lr = self.schedule.lr
+        t0 = time.perf_counter()
+        progress = not self.opts.quiet and sys.stderr.isatty() and self.rt.is_main
+        try:
+            self.state = train_epoch(self.step, self.loader, self.state, stop=stop, progress=progress,
+                                     reduce=self.rt.reducer, on_batch=on_batch(epoch, self.state, stop),
+                                     desc=f"epoch {epoch}")  # fmt: skip
+        except Diverged as err:
+            path = self.dir / ckpt.CHECKPOINT
+            kept = "no checkpoint had been written yet"
+            if path.exists():
+                kept = f"the last good checkpoint is kept: {path} (after epoch {epoch - 1} or at Ctrl-C)"
+            raise Diverged(f"{err} of epoch {epoch}; stopped, {kept}") from None
+        self.state.seconds += time.perf_counter() - t0
+        if self.state.batch < len(self.loader):
+            self.checkpoint(epoch - 1, self.state)
+            raise Interrupted(f"interrupted at epoch {epoch}, batch {self.state.batch}; checkpoint written. "
+                              f"Continue with: {resume_command(self.dir)}", stop.signum)  # fmt: skip
+        reason = self.record(epoch, lr)
+        self.state = EpochState()
+        self.checkpoint(epoch, self.state)
+        if reason is None and epoch == self.opts.epoch:
+            reason = f"reached -epoch {self.opts.epoch}"
+        if reason is not None and self.runlog is not None:
+            self.runlog.finish(reason)
+            log.info(f"finished: {reason}; run directory {self.dir}")
+        return reason
+
+    def record(self, epoch: int, lr: float) -> str | None:
+        """Evaluate, log and append the epoch's record; the schedule's verdict (None: go on)."""
+        st = self.state
+        wrong, loss_sum, seen = dist.epoch_totals(self.rt, st.wrong, st.loss_sum, st.seen)
+        dist.average_batchnorm_statistics(self.model, self.rt)  # every rank evaluates and saves the same
+        test_error, test_loss = evaluate(self.model, self.step.criterion, *self.test, reduce=self.rt.reducer,
+                                         amp=self.step.amp)  # fmt: skip
+        reason = self.schedule.update(epoch, wrong / seen)
+        record = {"epoch": epoch, "train_error": wrong / seen, "smoothed_error": self.schedule.smoothed,
+                  "train_loss": loss_sum / seen, "test_error": test_error, "test_loss": test_loss,
+                  "lr": lr, "seconds": st.seconds} | _means(st.extras)  # fmt: skip
+        log.info(f"epoch {epoch}: train error {100 * record['train_error']:.2f}% (smoothed "
+                 f"{100 * self.schedule.smoothed:.2f}%) loss {record['train_loss']:.4g} lr {lr:.3g} "
+                 f"{st.seconds:.1f}s | test error {100 * test_error:.2f}% loss {test_loss:.4g}")  # fmt: skip
+        if self.runlog is not None:
+            self.runlog.add(record)
+        return reason
+
+    def checkpoint(self, epoch: int, st: EpochState) -> None:
+        """Save after `epoch` (and `st.batch` batches of the next); every rank takes part."""
+        rngs = self.rt.gather(ckpt.rng_state(self.rt.device))  # each rank resumes its own dropout stream
+        sums = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in st.to_dict().items()}
+        if st.wrong is not None:  # a partial epoch: keep the sums over all ranks
+            wrong, loss_sum, seen = dist.epoch_totals(self.rt, st.wrong, st.loss_sum, st.seen)
+            sums |= {"wrong": torch.tensor(wrong, dtype=torch.float64), "seen": int(seen),
+                     "loss_sum": torch.tensor(loss_sum, dtype=torch.float64)}  # fmt: skip
+        if not self.rt.is_main:
+            return
+        path = self.dir / ckpt.CHECKPOINT
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "epoch": epoch, "epoch_state": sums, "rng": rngs,
+                 "world_size": self.rt.world_size, "options": self.opts.to_dict()}  # fmt: skip
+        try:
+            ckpt.save(state, path)
+        except OSError as err:
+            raise OSError(err.errno, f"{err.strerror} while writing the checkpoint; the previous one is "
+                          f"kept. Free space (or raise the file-size limit) and continue with: "
+                          f"{resume_command(self.dir)}", str(path)) from None  # fmt: skip
+
+
+def _restore(saved: dict | None, model: nn.Module, optimizer: Optimizer, schedule: Schedule,
+             rt: dist.Runtime, run_dir: Path, seed: int) -> tuple[int, EpochState]:  # fmt: skip
+    """(first epoch, epoch state) after loading `saved` into the pieces; a fresh run seeds them."""
+    if saved is None:
+        torch.manual_seed(seed + 7919 * rt.rank)  # dropout masks: seeded, different per rank
+        return 1, EpochState()
+    ckpt.check_same_network(model, saved["model"], run_dir / ckpt.CHECKPOINT)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"] if "optimizer" in saved else saved["stepper"])
+    schedule.load_state_dict(saved["schedule"])
+    state = EpochState(**saved["epoch_state"])
+    if state.wrong is not None:
+        state.wrong, state.loss_sum, state.seen = dist.restart_partial_sums(
+            rt, state.wrong, state.loss_sum, state.seen
+        )
+    ckpt.set_rng_state(saved["rng"][rt.rank], rt.device)
+    log.info(f"resuming {run_dir} at epoch {saved['epoch'] + 1}, batch {state.batch}")
+    return saved["epoch"] + 1, state
+
+
+def _loader(opts: Options, data: Data, rt: dist.Runtime):
     from feedalign.data import EpochLoader
 
     per_rank = -(-len(data.train_x) // rt.world_size)
     lone = opts.batchnorm > 0 and per_rank % opts.batchSize == 1  # BatchNorm cannot normalise 1 sample
-    if lone and rt.is_main:
+    if lone:
         log.warning("the last batch of each epoch would hold a single sample, which BatchNorm cannot "
                     "normalise: it is left out")  # fmt: skip
-    loader = EpochLoader(data.train_x, data.train_y, opts.batchSize, seed=opts.seed, augment=opts.augment,
-                         rank=rt.rank, world_size=rt.world_size, drop_last=lone)  # fmt: skip
-    test_x, test_y = data.test_x[rt.rank :: rt.world_size], data.test_y[rt.rank :: rt.world_size]
-    runlog = RunLog(run_dir, resume_epoch=first_epoch - 1, visualize=opts.visualize == 1,
-                    tensorboard=opts.tensorboard) if rt.is_main else None  # fmt: skip
-    reduce = rt.reduce if rt.distributed else None
-    progress = not opts.quiet and sys.stderr.isatty() and rt.is_main
-    if rt.is_main:
-        log.info(f"{opts.dataset}: {len(data.train_x)} training / {len(data.test_x)} test samples "
-                 f"{data.input_shape}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
-                 f"process(es) on {rt.device}; run directory {run_dir}")  # fmt: skip
-
-    def save(epoch: int, st: EpochState) -> None:
-        rngs = [ckpt.rng_state(rt.device)]
-        if rt.distributed:  # every rank's RNG, so that each resumes its own dropout stream
-            rngs = [None] * rt.world_size
-            torch.distributed.all_gather_object(rngs, ckpt.rng_state(rt.device))
-        st_dict = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in st.to_dict().items()}
-        if rt.distributed and st.wrong is not None:  # a partial epoch: keep the sums over all ranks
-            wrong, loss_sum, seen = _epoch_totals(st, rt)
-            st_dict |= {"wrong": torch.tensor(wrong, dtype=torch.float32), "seen": int(seen),
-                        "loss_sum": torch.tensor(loss_sum, dtype=torch.float32)}  # fmt: skip
-        if not rt.is_main:
-            return
-        ckpt.save_atomic({"model": model.state_dict(), "stepper": stepper.state_dict(),
-                          "schedule": schedule.state_dict(), "epoch": epoch, "epoch_state": st_dict,
-                          "rng": rngs, "world_size": rt.world_size, "options": opts.to_dict()},
-                         run_dir / ckpt.CHECKPOINT)  # fmt: skip
-
-    on_batch = _alignment_hook(opts, model, criterion, stepper, stop_at, rt)
-    epoch = first_epoch
-    with StopFlag() as stop:
-        while opts.epoch == -1 or epoch <= opts.epoch:
-            loader.set_epoch(epoch)
-            lr = schedule.lr
-            t0 = time.perf_counter()
-            try:
-                state = train_epoch(step, loader, state, stop=stop, progress=progress, reduce=reduce,
-                                    on_batch=on_batch(epoch, state, stop), desc=f"epoch {epoch}")  # fmt: skip
-            except Diverged as err:
-                path = run_dir / ckpt.CHECKPOINT
-                kept = "no checkpoint had been written yet"
-                if path.exists():
-                    kept = f"the last good checkpoint is kept: {path} (after epoch {epoch - 1} or at Ctrl-C)"
-                raise Diverged(f"{err} of epoch {epoch}; stopped, {kept}") from None
-            state.seconds += time.perf_counter() - t0
-            if state.batch < len(loader):
-                save(epoch - 1, state)
-                raise Interrupted(f"interrupted at epoch {epoch}, batch {state.batch}; checkpoint written. "
-                                  f"Continue with: feedalign train --resume {run_dir}")  # fmt: skip
-            wrong, loss_sum, seen = _epoch_totals(state, rt)
-            dist.average_batchnorm_statistics(model, rt)  # every rank evaluates and saves the same
-            test_error, test_loss = evaluate(model, criterion, test_x, test_y, reduce=reduce, amp=step.amp)
-            reason = schedule.update(epoch, wrong / seen)
-            record = {"epoch": epoch, "train_error": wrong / seen, "smoothed_error": schedule.smoothed,
-                      "train_loss": loss_sum / seen, "test_error": test_error, "test_loss": test_loss,
-                      "lr": lr, "seconds": state.seconds} | _means(state.extras)  # fmt: skip
-            if rt.is_main:
-                log.info(
-                    f"epoch {epoch}: train error {100 * record['train_error']:.2f}% (smoothed "
-                    f"{100 * schedule.smoothed:.2f}%) loss {record['train_loss']:.4g} lr {lr:.3g} "
-                    f"{state.seconds:.1f}s | test error {100 * test_error:.2f}% loss {test_loss:.4g}"
-                )
-                runlog.add(record)
-            state = EpochState()
-            save(epoch, state)
-            if reason is None and epoch == opts.epoch:
-                reason = f"reached -epoch {opts.epoch}"
-            if reason is not None:
-                if rt.is_main:
-                    runlog.finish(reason)
-                    log.info(f"finished: {reason}; run directory {run_dir}")
-                break
-            epoch += 1
-    return run_dir
-
-
-def _epoch_totals(state: EpochState, rt: dist.Runtime) -> list[float]:
-    """[misclassified, Σ loss × samples, samples] of the epoch, summed over ranks."""
-    seen = torch.tensor(float(state.seen), device=rt.device, dtype=torch.float64)
-    return rt.reduce(torch.stack([state.wrong.double(), state.loss_sum.double(), seen])).tolist()
+    return EpochLoader(data.train_x, data.train_y, opts.batchSize, seed=opts.seed, augment=opts.augment,
+                       rank=rt.rank, world_size=rt.world_size, drop_last=lone)  # fmt: skip
 
 
 def _means(extras: dict) -> dict:
@@ -261,7 +358,7 @@ def _means(extras: dict) -> dict:
     return {"alignment": out}
 
 
-def _alignment_hook(opts, model, criterion, stepper, stop_at, rt):
+def _batch_hook(opts: Options, run: Run, stop_at: tuple[int, int] | None):
     """Per-batch extras: alignment angles every `opts.alignment` steps (rank 0), the
     tests' simulated Ctrl-C. Returns a factory taking (epoch, state, stop)."""
 
@@ -270,16 +367,8 @@ def _alignment_hook(opts, model, criterion, stepper, stop_at, rt):
             return None
 
         def on_batch(x: Tensor, y: Tensor, i: int) -> None:
-            if opts.alignment and rt.is_main and stepper.steps % opts.alignment == 0:
-                from feedalign.metrics.alignment import alignment
-
-                for layer, metrics in alignment(model, x, y, criterion).items():
-                    for metric, value in metrics.items():
-                        if not math.isfinite(value):  # nan: a zero gradient has no direction
-                            continue
-                        total = state.extras.setdefault(f"{layer}/{metric}", [0.0, 0])
-                        total[0] += value
-                        total[1] += 1
+            if opts.alignment and run.rt.is_main and run.optimizer.steps % opts.alignment == 0:
+                _add_alignment(state, run.model, x, y, run.step.criterion)
             if stop_at == (epoch, i + 1):
                 stop.requested = True
 
@@ -288,18 +377,36 @@ def _alignment_hook(opts, model, criterion, stepper, stop_at, rt):
     return factory
 
 
-def evaluate_run(
-    run_dir: str | Path, *, split: str = "test", datapath: str | None = None
-) -> tuple[float, float]:
-    """(error, loss) of a saved run's checkpoint on its test or training split."""
+def _add_alignment(state: EpochState, model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> None:
+    from feedalign.metrics.alignment import alignment
+
+    for layer, metrics in alignment(model, x, y, criterion).items():
+        for metric, value in metrics.items():
+            if not math.isfinite(value):  # nan: a zero gradient has no direction
+                continue
+            total = state.extras.setdefault(f"{layer}/{metric}", [0.0, 0])
+            total[0] += value
+            total[1] += 1
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", datapath: str | None = None,
+                 trust_model_file: bool = False) -> tuple[float, float]:  # fmt: skip
+    """(error, loss) of a saved run's checkpoint on its test or training split. The run
+    directory is data: a model file it names is imported only with trust_model_file."""
     run_dir = Path(run_dir)
-    opts = Options.from_dict(json.loads((run_dir / "options.json").read_text()))
+    opts = rundir.options_from_run(run_dir)
+    rundir.check_trusted(opts, run_dir, trust_model_file)
     if datapath is not None:
         opts.datapath = datapath
     opts.type = "cuda" if torch.cuda.is_available() and opts.type == "cuda" else "float"
+    opts.load, opts.compile_optimizer = "none", False  # the weights come from the checkpoint
+    opts.check()
     device = dist.device_for(opts.type, min(opts.devid, max(1, torch.cuda.device_count())))
+    state = ckpt.load(run_dir / ckpt.CHECKPOINT)  # verified before the data is loaded
     data = load_data(opts, device)
     model = make_model(opts, data, device)
-    ckpt.load_weights(model, run_dir / ckpt.CHECKPOINT)
+    weights = state.get("model", state)
+    ckpt.check_same_network(model, weights, run_dir / ckpt.CHECKPOINT)
+    model.load_state_dict(weights)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     return evaluate(model, make_criterion(opts.criterion), x, y)
