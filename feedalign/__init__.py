@@ -1,18 +1,23 @@
 """feedalign: back-propagation, feedback alignment and direct feedback alignment
 for PyTorch (a reimplementation of Nøkland, NIPS 2016)."""
 
+from feedalign.describe import describe
 from feedalign.losses import BCE, make_criterion
 from feedalign.models import build_model, convert, feedback, rule_of
 from feedalign.rules import RULES, backprop
+from feedalign.rules.dfa import Output, Tap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BCE",
+    "Output",
     "RULES",
+    "Tap",
     "backprop",
     "build_model",
     "convert",
+    "describe",
     "feedback",
     "make_criterion",
     "rule_of",

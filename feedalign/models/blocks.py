@@ -102,6 +102,8 @@ def find_output(model: nn.Module, blocks: list[tuple[str, nn.Module]], output: s
         if n and is_weight_layer(m) and not isinstance(m, nn.Embedding)
         and not any(n == b or n.startswith(b + ".") for b in inside) and not _inside(n, modules)
     ]  # fmt: skip
+    if not candidates and blocks and is_weight_layer(blocks[-1][1]):
+        candidates = [blocks[-1][0]]  # every weight layer was a block: the last one is the output
     if not candidates:
         raise ValueError(
             f"{type(model).__name__}: no output layer found outside the blocks {inside}; "
@@ -226,6 +228,7 @@ def _place_hooks(model, rule, signal, blocks, output, error_at):
         return taps, None
     out = Output()
     out.site = out_name if error_at == "logits" else ""
+    out.blocks = [n for n, _ in found if n != out_name]
     holder = modules[out_name] if error_at == "logits" else model
     holder.dfa_output = out
     holder.register_forward_hook(_output_hook)
@@ -262,6 +265,7 @@ def _place_sequential(model: nn.Sequential, rule: str, signal: str, error_at: st
     else:
         out = Output()
         out_parent, out_key, out.site, _ = leaves[trainable[-1]]
+        out.blocks = [leaves[i][2] for i in trainable[:-1]]
         if error_at == "logits":
             edits.setdefault(id(out_parent), (out_parent, {}, {}))[2].setdefault(out_key, []).append(
                 ("dfa_output", out)

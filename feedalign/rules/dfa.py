@@ -169,6 +169,7 @@ class Output(nn.Module):
         self.rfb_mag = 0.0
         self.gen_state: Tensor | None = None  # the generator's state at conversion
         self.site = ""  # the output layer's name ("": the model's output)
+        self.blocks: list[str] = []  # the hidden blocks' names, for describe()
         self.register_buffer("feedback", torch.zeros(0, 0))
 
     def connect(
