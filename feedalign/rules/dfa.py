@@ -63,9 +63,12 @@ def target_signal(e: Tensor, y: Tensor) -> Tensor:
     if torch.allclose(torch.sigmoid(y) - e, onehot, rtol=0, atol=max(tol, 1e-5)):
         return -onehot  # bce: e = σ(y) − y*, s = 1
     p = torch.softmax(y, dim=-1)
-    s = rest.sum() / (p * (1 - onehot)).sum()
+    s = float(rest.sum() / (p * (1 - onehot)).sum())
     if not torch.allclose(s * (p - onehot), e, rtol=1e-2, atol=tol):
         raise RuntimeError("drtp: the output error is neither sigmoid(y) − y* nor s·(softmax(y) − y*)")
+    for exact in (1.0 / len(e), 1.0):  # the mean or the sum over the M rows: exactly, not to rounding
+        if abs(s / exact - 1) < 1e-3:
+            s = exact
     return -s * onehot
 
 
