@@ -252,38 +252,37 @@ def _place_sequential(model: nn.Sequential, rule: str, signal: str, error_at: st
     if not trainable:
         raise ValueError(f"{rule}: the model has no weight layer (Linear, Conv, recurrent, …)")
     boundaries = trainable[1:] if signal != "none" else trainable[-1:]
-    edits: dict[int, tuple[nn.Sequential, dict, dict]] = {}  # id(parent) -> (parent, before, after)
+    before: dict[tuple[int, str], list] = {}  # (id(parent), key) -> modules to insert before that child
+    after: dict[tuple[int, str], list] = {}  # … and after it
+    parents = {id(parent): parent for parent, *_ in leaves}
     taps = []
     for tap_index, i in enumerate(boundaries):
         parent, key, name, _ = leaves[i]
         tap = Tap()
         tap.site = name
         taps.append(tap)
-        edits.setdefault(id(parent), (parent, {}, {}))[1].setdefault(key, []).append((f"tap{tap_index}", tap))
-    if signal == "none":
-        out = None
-    else:
+        before.setdefault((id(parent), key), []).append((f"tap{tap_index}", tap))
+    out = None
+    if signal != "none":
         out = Output()
         out_parent, out_key, out.site, _ = leaves[trainable[-1]]
         out.blocks = [leaves[i][2] for i in trainable[:-1]]
         if error_at == "logits":
-            edits.setdefault(id(out_parent), (out_parent, {}, {}))[2].setdefault(out_key, []).append(
-                ("dfa_output", out)
-            )
+            after.setdefault((id(out_parent), out_key), []).append(("dfa_output", out))
         else:
             out.site = ""
             model.add_module("dfa_output", out)
-    for parent, before, after in edits.values():
-        _insert(parent, before, after)
+    for pid, parent in parents.items():
+        _insert(parent, pid, before, after)
     return taps, out
 
 
-def _insert(parent: nn.Sequential, before: dict[str, list], after: dict[str, list]) -> None:
-    """Rebuild parent's children with extra (name, module) pairs; existing keys stay,
-    so the parameters' state_dict names do not change."""
+def _insert(parent: nn.Sequential, pid: int, before: dict, after: dict) -> None:
+    """Rebuild parent's children with the extra (name, module) pairs planned for them;
+    existing keys stay, so the parameters' state_dict names do not change."""
     new: OrderedDict[str, nn.Module] = OrderedDict()
     for key, m in parent._modules.items():
-        new.update(before.get(key, []))
+        new.update(before.get((pid, key), []))
         new[key] = m
-        new.update(after.get(key, []))
+        new.update(after.get((pid, key), []))
     parent._modules = new
