@@ -89,6 +89,8 @@ class DFAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, e: Tensor):
         feedback, y = ctx.saved_tensors  # (C, Σ n_i)
+        if not any(ctx.needs_input_grad[3:]):  # no tap input needs a gradient (e.g. all integer)
+            return (e, None, None, *[None] * len(ctx.shapes))
         flat = e.reshape(-1, e.shape[-1])  # (M, C), M = N·|P| positions
         if ctx.signal == "target":
             flat = target_signal(flat, y.reshape(flat.shape))
