@@ -53,16 +53,16 @@ def classify(model: nn.Module) -> dict[str, str]:
                 handled[f"{mname}.{pname}" if mname else pname] = f"per-layer rule {m.feedback_rule}"
     groups: dict[str, str] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if out_site and _owner(name, [out_site]):
+            groups[name] = "output layer: the true error e"
+        elif rule == "shallow":
+            groups[name] = "fixed: no gradient (shallow)"
+        elif not p.requires_grad:
             groups[name] = "frozen (requires_grad=False)"
         elif name in handled:
             groups[name] = handled[name]
         elif rule == "bp":
             groups[name] = "bp: the true gradient"
-        elif out_site and _owner(name, [out_site]):
-            groups[name] = "output layer: the true error e"
-        elif rule == "shallow":
-            groups[name] = "fixed: no gradient (shallow)"
         elif (block := _owner(name, blocks)) is not None:
             groups[name] = f"{rule} block {block}"
         else:

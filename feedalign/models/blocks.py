@@ -169,6 +169,8 @@ def convert_direct(
         taps, out = _place_manual(model, manual, marked, output)
     else:
         taps, out = _place_hooks(model, rule, signal, blocks, output, error_at)
+    if signal == "none":  # shallow: only the output layer (the cut's site) learns
+        _freeze_all_but(model, dict(model.named_modules())[taps[-1].site])
     broadcast = Broadcast(len(taps)) if signal != "none" else None
     for i, tap in enumerate(taps):
         tap.connect(rule, i, broadcast)
@@ -181,6 +183,15 @@ def convert_direct(
             input_shape = (first.in_features,)  # a float input: the sizes can be learnt now
     if input_shape is not None and out is not None:
         _probe(model, input_shape, ref)
+
+
+def _freeze_all_but(model: nn.Module, output_layer: nn.Module) -> None:
+    """requires_grad=False outside the output layer: the cut already keeps every hidden
+    gradient None; frozen, they are also no unused parameters to DDP and cost autograd nothing."""
+    keep = {id(p) for p in output_layer.parameters()}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
 
 
 def _probe(model: nn.Module, input_shape: tuple[int, ...], ref: Tensor) -> None:
