@@ -360,3 +360,26 @@ def test_token_ids_at_a_tap_get_no_columns():
     F.cross_entropy(model(_ids()), torch.arange(6) % 3).backward()
     assert [tuple(b.shape) for b in feedalign.feedback(model)] == [(3, 20), (3, 6)]
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_blocks_by_name_or_predicate_and_a_tap_that_drops_the_positions_is_refused():
+    by_name = feedalign.convert(ResNet(), "dfa", seed=0, blocks=["layer2.0"], output="fc")
+    by_rule = feedalign.convert(ResNet(), "dfa", seed=0, blocks=lambda name, m: name in ("layer1", "layer2"))
+    assert _sites(by_name) == ["layer2.0", "fc"] and _sites(by_rule) == ["layer1", "layer2", "fc"]
+    by_rule(torch.randn(2, 3, 8, 8))
+    assert [b.shape[1] for b in feedalign.feedback(by_rule)] == [4 * 8 * 8, 4 * 8 * 8, 8]
+    with pytest.raises(ValueError, match="no module named"):
+        feedalign.convert(ResNet(), "dfa", blocks=["layer9"])
+
+    class Pooled(nn.Module):  # per-token logits, but the tap before `mix` sees pooled (N, d)
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mix, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):  # (N, T, 4)
+            h = torch.tanh(self.inp(x))
+            return self.head(h + self.mix(h.mean(1))[:, None])
+
+    model = feedalign.convert(Pooled(), "dfa", seed=0)
+    with pytest.raises(RuntimeError, match="must start with the output's batch"):
+        model(torch.randn(2, 5, 4))

@@ -18,7 +18,8 @@ Which modules are blocks (docs/models.md, "Your own model"):
    is `output=` or the last weight layer (in registration order) outside the blocks.
    A tap sits at the input of every block and of the output layer, attached with
    forward hooks; the modules are added as children `dfa_tap` / `dfa_output` (so
-   they show in the model's repr) and no parameter changes its state_dict name.
+   they show in the model's repr; an nn.Sequential takes them as its first / last
+   child, since its forward runs every child) and no parameter changes its state_dict name.
 3. Taps placed by hand: `feedalign.Tap()` modules in the model and one
    `feedalign.Output()` (or `output=`) — used as they are.
 """
@@ -215,11 +216,10 @@ def _place_manual(model, manual, marked, output):
             "the model holds feedalign.Tap() modules but no output: place feedalign.Output() right after "
             "the output layer, or pass output=\"<module name>\""
         )
-    layer = dict(model.named_modules())[find_output(model, [], output)]
-    layer.dfa_output = Output()
-    layer.dfa_output.site = output
-    layer.register_forward_hook(_output_hook)
-    return [m for _, m in manual], layer.dfa_output
+    out = Output()
+    out.site = find_output(model, [], output)
+    _attach_output(dict(model.named_modules())[out.site], out)
+    return [m for _, m in manual], out
 
 
 def _place_hooks(model, rule, signal, blocks, output, error_at):
@@ -231,19 +231,27 @@ def _place_hooks(model, rule, signal, blocks, output, error_at):
         sites = sites[-1:]  # shallow: one cut, at the output layer's input
     taps = []
     for name, m in sites:
-        m.dfa_tap = Tap()
-        m.dfa_tap.site, m.dfa_tap.seq_first = name, _seq_first(m)
-        m.register_forward_pre_hook(_tap_input, with_kwargs=True)
-        taps.append(m.dfa_tap)
+        tap = Tap()
+        tap.site, tap.seq_first = name, _seq_first(m)
+        if isinstance(m, nn.Sequential):  # its forward runs its children: the tap goes first
+            m._modules = OrderedDict([("dfa_tap", tap), *m._modules.items()])
+        else:
+            m.dfa_tap = tap
+            m.register_forward_pre_hook(_tap_input, with_kwargs=True)
+        taps.append(tap)
     if signal == "none":
         return taps, None
     out = Output()
     out.site = out_name if error_at == "logits" else ""
     out.blocks = [n for n, _ in found if n != out_name]
-    holder = modules[out_name] if error_at == "logits" else model
-    holder.dfa_output = out
-    holder.register_forward_hook(_output_hook)
+    _attach_output(modules[out_name] if error_at == "logits" else model, out)
     return taps, out
+
+
+def _attach_output(holder: nn.Module, out: Output) -> None:
+    holder.dfa_output = out  # a Sequential runs it last by itself; any other module by the hook
+    if not isinstance(holder, nn.Sequential):
+        holder.register_forward_hook(_output_hook)
 
 
 def _leaves(seq: nn.Sequential, prefix: str = "") -> list[tuple[nn.Sequential, str, str, nn.Module]]:
