@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import importlib
 
+from feedalign.describe import describe
 from feedalign.losses import BCE, make_criterion
 from feedalign.models import build_model, convert, feedback, rule_of
 from feedalign.rules import RULES, backprop
+from feedalign.rules.dfa import Output, Tap
 
 __version__ = "0.1.0"
 
@@ -28,10 +30,13 @@ _LAZY = {
 
 __all__ = [
     "BCE",
+    "Output",
     "RULES",
+    "Tap",
     "backprop",
     "build_model",
     "convert",
+    "describe",
     "feedback",
     "make_criterion",
     "rule_of",

@@ -294,7 +294,7 @@ def test_gradcheck_custom_functions():
     )
     y = torch.randn(4, 2, generator=g, requires_grad=True)
     taps = (torch.randn(4, 3, generator=g), torch.randn(4, 2, 2, generator=g))
-    assert torch.autograd.gradcheck(lambda y: DFAFunction.apply(y, torch.randn(2, 7), *taps), (y,))
+    assert torch.autograd.gradcheck(lambda y: DFAFunction.apply(y, torch.randn(2, 7), "error", *taps), (y,))
 
 
 def test_dfa_projects_every_tap_from_one_product():
@@ -302,7 +302,7 @@ def test_dfa_projects_every_tap_from_one_product():
     taps = [torch.randn(4, 3, requires_grad=True), torch.randn(4, 2, 2, requires_grad=True)]
     B = torch.randn(2, 7)
     e = torch.randn(4, 2)
-    DFAFunction.apply(y, B, *taps).backward(e)
+    DFAFunction.apply(y, B, "error", *taps).backward(e)
     torch.testing.assert_close(y.grad, e)
     torch.testing.assert_close(taps[0].grad, e @ B[:, :3])
     torch.testing.assert_close(taps[1].grad, (e @ B[:, 3:]).view(4, 2, 2))

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-RULES = ("bp", "fa", "dfa")
+RULES = ("bp", "fa", "dfa", "drtp", "shallow")
 
 
 def check_rule(rule: str) -> str:
