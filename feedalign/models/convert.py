@@ -1,7 +1,9 @@
 """`convert(model, rule)`: put fa or dfa on an existing PyTorch model, in place.
 
-fa swaps every nn.Linear / nn.Conv2d for its FA twin (same parameters, plus a
-`feedback` buffer); it works on any module tree. dfa needs the forward order,
+fa turns every weight layer of torch.nn (Linear, Conv*, ConvTranspose*,
+MultiheadAttention, RNN/LSTM/GRU) into its fa twin in place (same parameters, plus
+a feedback buffer per weight) on any module tree, and refuses by name what it cannot
+train (docs/fa.md). dfa needs the forward order,
 so it works on nn.Sequential (nested allowed): a block runs from one
 Linear/Conv2d up to the next, an ErrorTap sits at the end of each hidden block
 (immediately before the next trainable layer, i.e. after its nonlinearity,

@@ -40,8 +40,8 @@ def unhandled_weights(model: nn.Module) -> dict[int, str]:
     handled, names = set(), {}
     for mname, m in model.named_modules():
         for pname, p in m.named_parameters(recurse=False):
-            if hasattr(m, feedback_name(pname)):
-                handled.add(id(p))
+            if hasattr(m, feedback_name(pname)):  # the weight and its feedback (a Parameter under kp)
+                handled.update((id(p), id(getattr(m, feedback_name(pname)))))
             elif p.requires_grad:
                 names.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
     return {k: v for k, v in names.items() if k not in handled}
