@@ -195,6 +195,7 @@ DEFAULT_INIT = {  # layers large enough that max |W| comes close to the bound of
     "conv1d": lambda: nn.Conv1d(6, 40, 5),
     "lstm": lambda: nn.LSTM(10, 30),
     "gru": lambda: nn.GRU(12, 20, bidirectional=True),
+    "lstm-cell": lambda: nn.LSTMCell(10, 30),
     "attention": lambda: nn.MultiheadAttention(32, 4),
     "attention-kvdim": lambda: nn.MultiheadAttention(32, 4, kdim=20, vdim=12),
 }
@@ -286,7 +287,7 @@ def test_a_weight_used_in_a_custom_forward_is_refused_by_name(how):
 def test_layers_fa_cannot_train_are_refused_by_name():
     for model, match in [
         (nn.Sequential(nn.Linear(4, 4), OwnForward(4, 2)), r"1 \(OwnForward: its class overrides Linear"),
-        (nn.Sequential(nn.LSTMCell(3, 4)), r"0 \(LSTMCell"),
+        (nn.Sequential(nn.Bilinear(3, 3, 4)), r"0 \(Bilinear"),
         (nn.Sequential(nn.LazyLinear(3)), r"0 \(LazyLinear: a lazy module"),
         (nn.Sequential(nn.ReLU()), "no layer with weights"),
     ]:

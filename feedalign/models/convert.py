@@ -31,7 +31,7 @@ from feedalign.rules.fa import (
     FALinear,
 )
 from feedalign.rules.fa_attention import FAMultiheadAttention
-from feedalign.rules.fa_recurrent import FAGRU, FALSTM, FARNN
+from feedalign.rules.fa_recurrent import FAGRU, FALSTM, FARNN, FAGRUCell, FALSTMCell, FARNNCell
 from feedalign.rules.feedback import dfa_bound, feedback_name, generator, uniform
 
 TRAINABLE = (nn.Linear, nn.Conv2d)
@@ -119,6 +119,7 @@ FA_TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ConvTranspose1d: FAConvTranspose1d, nn.ConvTranspose2d: FAConvTranspose2d,
     nn.ConvTranspose3d: FAConvTranspose3d, nn.MultiheadAttention: FAMultiheadAttention,
     nn.RNN: FARNN, nn.LSTM: FALSTM, nn.GRU: FAGRU,
+    nn.RNNCell: FARNNCell, nn.LSTMCell: FALSTMCell, nn.GRUCell: FAGRUCell,
 }  # fmt: skip
 _SUBCLASS_TWINS: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -135,7 +136,7 @@ def _unsupported(m: nn.Module) -> str | None:
     base = _torch_base(cls)
     if base is not None and cls.forward is not base.forward and not isinstance(m, FALayer):
         return f"its class overrides {base.__name__}.forward"
-    if isinstance(m, nn.Bilinear | nn.RNNCellBase):
+    if isinstance(m, nn.Bilinear):
         return "no fa twin for this layer type"
     return None
 

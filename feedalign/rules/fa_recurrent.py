@@ -33,6 +33,21 @@ from feedalign.rules.fa import FALayer, Slot, fa_linear
 from feedalign.rules.feedback import feedback_for
 
 
+def cell_step(mode: str, gi: Tensor, gh: Tensor, h: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The gates of one step from gi = x W_ihᵀ + b_ih and gh = h W_hhᵀ + b_hh (N, G·H);
+    mode as torch's RNNBase.mode. Returns h' (before an LSTM projection) and c'."""
+    if mode == "LSTM":
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if mode == "GRU":
+        ir, iz, in_ = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+        return (1 - z) * torch.tanh(in_ + r * hn) + z * h, None
+    return (torch.tanh if mode == "RNN_TANH" else torch.relu)(gi + gh), None
+
+
 class FARNNBase(FALayer):
     """The fa recurrence shared by FARNN, FALSTM and FAGRU (mixed into the torch class)."""
 
@@ -48,20 +63,8 @@ class FARNNBase(FALayer):
 
     def _cell(self, gi: Tensor, h: Tensor, c: Tensor | None, suffix: str) -> tuple[Tensor, Tensor | None]:
         """One step: gi (N, G·H) precomputed input part, h (N, H_out) -> h', c'."""
-        gh = self._fa_linear(h, "hh", suffix)
-        if self.mode == "LSTM":
-            i, f, g, o = (gi + gh).chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            return (self._fa_linear(h, "hr", suffix) if self.proj_size > 0 else h), c
-        if self.mode == "GRU":
-            ir, iz, in_ = gi.chunk(3, dim=-1)
-            hr, hz, hn = gh.chunk(3, dim=-1)
-            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-            n = torch.tanh(in_ + r * hn)
-            return (1 - z) * n + z * h, None
-        act = torch.tanh if self.mode == "RNN_TANH" else torch.relu
-        return act(gi + gh), None
+        h, c = cell_step(self.mode, gi, self._fa_linear(h, "hh", suffix), h, c)
+        return (self._fa_linear(h, "hr", suffix) if self.proj_size > 0 else h), c
 
     def _direction(self, x: Tensor, h: Tensor, c: Tensor | None, suffix: str, reverse: bool):
         """Run one layer in one direction over x (T, N, in); returns outputs (T, N, H_out), h_T, c_T."""
@@ -128,3 +131,47 @@ class FALSTM(FARNNBase, nn.LSTM):
 
 class FAGRU(FARNNBase, nn.GRU):
     """nn.GRU trained by fa."""
+
+
+class FARNNCellBase(FALayer):
+    """nn.RNNCell / LSTMCell / GRUCell trained by fa: one step of the recurrence above,
+    the error to x through B_ih and to h through B_hh."""
+
+    def fa_slots(self) -> list[Slot]:
+        bound = 1.0 / math.sqrt(self.hidden_size)  # RNNCellBase.reset_parameters
+        return [(self, "weight_ih", bound), (self, "weight_hh", bound)]
+
+    def forward(self, input: Tensor, hx=None):
+        if not self._fa_on():
+            return super().forward(input, hx)
+        lstm = isinstance(self, nn.LSTMCell)
+        if lstm or isinstance(self, nn.GRUCell):
+            mode = "LSTM" if lstm else "GRU"
+        else:
+            mode = "RNN_TANH" if self.nonlinearity == "tanh" else "RNN_RELU"
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)  # (N, in)
+        if hx is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden_size)
+            hx = (zeros, zeros) if lstm else zeros
+        elif not batched:
+            hx = tuple(t.unsqueeze(0) for t in hx) if lstm else hx.unsqueeze(0)
+        h, c = hx if lstm else (hx, None)
+        gi = fa_linear(x, self.weight_ih, self.bias_ih, feedback_for(self, "weight_ih"))
+        gh = fa_linear(h, self.weight_hh, self.bias_hh, feedback_for(self, "weight_hh"))
+        h, c = cell_step(mode, gi, gh, h, c)
+        if not batched:
+            h, c = h.squeeze(0), (None if c is None else c.squeeze(0))
+        return (h, c) if lstm else h
+
+
+class FARNNCell(FARNNCellBase, nn.RNNCell):
+    """nn.RNNCell trained by fa."""
+
+
+class FALSTMCell(FARNNCellBase, nn.LSTMCell):
+    """nn.LSTMCell trained by fa."""
+
+
+class FAGRUCell(FARNNCellBase, nn.GRUCell):
+    """nn.GRUCell trained by fa."""
