@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import feedalign
-from feedalign.rules.fa import FAConvFunction, FALinearFunction
+from feedalign.rules.fa import FABilinearFunction, FAConvFunction, FALinearFunction
 
 
 @pytest.fixture(autouse=True)
@@ -227,6 +227,25 @@ def test_fa_recurrence_matches_hand_written_recursion(kind):
     torch.testing.assert_close(x.grad, xr.grad.transpose(0, 1))
 
 
+def test_fa_bilinear_matches_formula():
+    torch.manual_seed(0)
+    fa = converted(nn.Bilinear(3, 2, 4))
+    x1, x2 = torch.randn(2, 5, 3, requires_grad=True), torch.randn(2, 5, 2, requires_grad=True)
+    y = fa(x1, x2)
+    delta = torch.randn_like(y)
+    y.backward(delta)
+    W, B = fa.weight.detach(), fa.feedback
+    d, a, b = delta.reshape(10, 4), x1.detach().reshape(10, 3), x2.detach().reshape(10, 2)
+    # y_k = Σ_ij a_i W_kij b_j: dW_kij = Σ_n δ_nk a_ni b_nj; the inputs' errors through B
+    dB = (d[:, :, None, None] * B).sum(1)  # Σ_k δ_nk B_kij: (n, i, j)
+    dW = (d[:, :, None, None] * a[:, None, :, None] * b[:, None, None]).sum(0)
+    torch.testing.assert_close(fa.weight.grad, dW)
+    torch.testing.assert_close(x1.grad.reshape(10, 3), (dB * b[:, None, :]).sum(2))
+    torch.testing.assert_close(x2.grad.reshape(10, 2), (dB * a[:, :, None]).sum(1))
+    torch.testing.assert_close(fa.bias.grad, d.sum(0))
+    assert not torch.allclose(B, W)
+
+
 # --- B = W is back-propagation, for every layer kind ----------------------------------
 
 LAYERS = {
@@ -245,6 +264,7 @@ LAYERS = {
     "lstm-cell": (lambda: nn.LSTMCell(3, 4),
                   lambda: (torch.randn(2, 3), (torch.randn(2, 4), torch.randn(2, 4)))),
     "gru-cell-unbatched": (lambda: nn.GRUCell(3, 4), lambda: (torch.randn(3),)),
+    "bilinear": (lambda: nn.Bilinear(3, 2, 4), lambda: (torch.randn(5, 3), torch.randn(5, 2))),
     "rnn-cell-relu": (lambda: nn.RNNCell(3, 4, nonlinearity="relu"),
                       lambda: (torch.randn(2, 3), torch.randn(2, 4))),
 }  # fmt: skip
@@ -275,7 +295,8 @@ def test_fa_with_feedback_equal_to_weights_is_backprop(kind):
             torch.testing.assert_close(s.grad, t.grad)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d-reflect", "attention-cross", "lstm-proj-2x-bidir"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d-reflect", "attention-cross", "lstm-proj-2x-bidir",
+                                  "bilinear"])  # fmt: skip
 def test_trained_feedback_receives_the_weight_gradient(kind):
     """The Kolen–Pollack contract: when B requires grad, its gradient is dL/dW."""
     build, inputs = LAYERS[kind]
@@ -296,6 +317,15 @@ def test_gradcheck_linear_function():
     # the weight and bias paths are true gradients for any B; the input path is when B = W
     assert torch.autograd.gradcheck(lambda w, b: FALinearFunction.apply(x.detach(), w, b, B.detach()), (w, b))
     assert torch.autograd.gradcheck(lambda x, w, b: FALinearFunction.apply(x, w, b, w.detach()), (x, w, b))
+
+
+def test_gradcheck_bilinear_function():
+    g = torch.Generator().manual_seed(0)
+    x1, x2, w, b, B = (torch.randn(*s, generator=g, requires_grad=True)
+                       for s in ((3, 2), (3, 4), (2, 2, 4), (2,), (2, 2, 4)))  # fmt: skip
+    fa = FABilinearFunction.apply
+    assert torch.autograd.gradcheck(lambda w, b: fa(x1.detach(), x2.detach(), w, b, B.detach()), (w, b))
+    assert torch.autograd.gradcheck(lambda x1, x2, w, b: fa(x1, x2, w, b, w.detach()), (x1, x2, w, b))
 
 
 GRADCHECK_CONVS = [  # (x shape, w shape, stride, padding, dilation, groups, transposed, output_padding)

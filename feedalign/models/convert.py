@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from feedalign.rules import check_rule, fa_guard
 from feedalign.rules.dfa import Broadcast, DFAOutput, ErrorTap
 from feedalign.rules.fa import (
+    FABilinear,
     FAConv1d,
     FAConv2d,
     FAConv3d,
@@ -119,7 +120,7 @@ FA_TWINS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ConvTranspose1d: FAConvTranspose1d, nn.ConvTranspose2d: FAConvTranspose2d,
     nn.ConvTranspose3d: FAConvTranspose3d, nn.MultiheadAttention: FAMultiheadAttention,
     nn.RNN: FARNN, nn.LSTM: FALSTM, nn.GRU: FAGRU,
-    nn.RNNCell: FARNNCell, nn.LSTMCell: FALSTMCell, nn.GRUCell: FAGRUCell,
+    nn.RNNCell: FARNNCell, nn.LSTMCell: FALSTMCell, nn.GRUCell: FAGRUCell, nn.Bilinear: FABilinear,
 }  # fmt: skip
 _SUBCLASS_TWINS: dict[type[nn.Module], type[nn.Module]] = {}
 
@@ -136,8 +137,6 @@ def _unsupported(m: nn.Module) -> str | None:
     base = _torch_base(cls)
     if base is not None and cls.forward is not base.forward and not isinstance(m, FALayer):
         return f"its class overrides {base.__name__}.forward"
-    if isinstance(m, nn.Bilinear):
-        return "no fa twin for this layer type"
     return None
 
 

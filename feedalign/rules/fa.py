@@ -65,6 +65,31 @@ def fa_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor) 
     return FALinearFunction.apply(x, weight, bias, feedback)
 
 
+class FABilinearFunction(torch.autograd.Function):
+    """y_k = x1ᵀ W_k x2 + b_k; backward: dx1 = Σ_k δ_k B_k x2, dx2 = Σ_k δ_k B_kᵀ x1,
+    dW_k = Σ_batch δ_k x1 x2ᵀ, db = Σ δ (dB = dW when B needs a gradient).
+    x1: (*, in1), x2: (*, in2), δ: (*, out), W and B: (out, in1, in2)."""
+
+    @staticmethod
+    def forward(ctx, x1: Tensor, x2: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor) -> Tensor:
+        ctx.save_for_backward(x1, x2, feedback)
+        ctx.has_bias = bias is not None
+        return F.bilinear(x1, x2, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x1, x2, feedback = ctx.saved_tensors
+        dt = grad_out.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        a, b, B = x1.reshape(-1, x1.shape[-1]).to(dt), x2.reshape(-1, x2.shape[-1]).to(dt), feedback.to(dt)
+        need = ctx.needs_input_grad
+        g1 = torch.einsum("no,oij,nj->ni", g, B, b).view(x1.shape) if need[0] else None
+        g2 = torch.einsum("no,oij,ni->nj", g, B, a).view(x2.shape) if need[1] else None
+        gw = torch.einsum("no,ni,nj->oij", g, a, b) if need[2] or need[4] else None
+        gb = g.sum(0) if ctx.has_bias and need[3] else None
+        return g1, g2, gw if need[2] else None, gb, gw if need[4] else None
+
+
 def _conv(x, weight, bias, stride, padding, dilation, groups, transposed, output_padding):
     """F.conv{1,2,3}d or F.conv_transpose{1,2,3}d by the kernel's dimensionality."""
     nd = weight.dim() - 2
@@ -218,3 +243,15 @@ class FAConvTranspose2d(_FAConvTransposeNd, nn.ConvTranspose2d):
 
 class FAConvTranspose3d(_FAConvTransposeNd, nn.ConvTranspose3d):
     """nn.ConvTranspose3d trained by fa."""
+
+
+class FABilinear(FALayer, nn.Bilinear):
+    """nn.Bilinear trained by fa; `feedback` (out, in1, in2) is a buffer."""
+
+    def fa_slots(self) -> list[Slot]:
+        return [(self, "weight", 1.0 / math.sqrt(self.weight.shape[1]))]  # Bilinear.reset_parameters
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        if not self._fa_on():
+            return F.bilinear(x1, x2, self.weight, self.bias)
+        return FABilinearFunction.apply(x1, x2, self.weight, self.bias, feedback_for(self))
