@@ -271,6 +271,10 @@ class OwnForward(nn.Linear):
         return super().forward(x) * 2
 
 
+class Tagged(nn.Linear):  # a subclass that keeps Linear.forward
+    tag = "mine"
+
+
 @pytest.mark.parametrize("how", ["linear", "matmul", "einsum"])
 def test_a_weight_used_in_a_custom_forward_is_refused_by_name(how):
     model = feedalign.convert(nn.Sequential(RawWeight(how)), "fa", seed=0)
@@ -299,6 +303,11 @@ def test_layers_fa_cannot_train_are_refused_by_name():
         lstm(packed)
     with torch.no_grad():
         lstm(packed)  # inference: torch's own kernels take it
+    tagged = feedalign.convert(nn.Sequential(Tagged(3, 2)), "fa", seed=0)[0]
+    assert isinstance(tagged, Tagged) and tagged.tag == "mine" and hasattr(tagged, "feedback")
+    x = torch.randn(4, 3, requires_grad=True)
+    tagged(x).backward(torch.ones(4, 2))
+    torch.testing.assert_close(x.grad, torch.ones(4, 2) @ tagged.feedback)
 
 
 # --- state_dict, deepcopy, torch.compile ----------------------------------------------------
