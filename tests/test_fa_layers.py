@@ -124,31 +124,35 @@ def ref_attention(mha, query, key, value, mask=None):
     return out, att.mean(1)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_fa_attention_matches_hand_written_attention(packed):
+@pytest.mark.parametrize("kind", ["self, no weights", "cross", "kdim/vdim"])
+def test_fa_attention_matches_hand_written_attention(kind):
+    """Against ref_attention; "self, no weights" runs fa's fused-kernel path (need_weights=False)."""
     torch.manual_seed(0)
-    kw = {} if packed else {"kdim": 3, "vdim": 5}
+    kw = {"kdim": 3, "vdim": 5} if kind == "kdim/vdim" else {}
     plain = nn.MultiheadAttention(4, 2, batch_first=True, **kw)
     fa = converted(plain)
-    q0 = torch.randn(2, 3, 4)
-    k0 = torch.randn(2, 5, 4 if packed else 3)
-    v0 = k0 if packed else torch.randn(2, 5, 5)
+    L = 5 if kind.startswith("self") else 3
+    q0 = torch.randn(2, L, 4)
+    k0 = q0 if kind.startswith("self") else torch.randn(2, 5, kw.get("kdim", 4))
+    v0 = q0 if kind.startswith("self") else torch.randn(2, 5, kw.get("vdim", 4))
+    need = not kind.startswith("self")
     pad = torch.tensor([[False] * 4 + [True], [False] * 5])
-    causal = torch.randn(3, 5) > 1.0  # a bool attn_mask (True = blocked)
-    ins = [t.clone().requires_grad_() for t in (q0, k0, v0)]
-    out, w = fa(*ins, key_padding_mask=pad, attn_mask=causal)
-    ref_plain, ref_w = plain(q0, k0, v0, key_padding_mask=pad, attn_mask=causal)
+    causal = torch.randn(L, 5) > 1.0  # a bool attn_mask (True = blocked)
+    ins = [t.clone().requires_grad_() for t in ((q0,) if kind.startswith("self") else (q0, k0, v0))]
+    args = ins * 3 if len(ins) == 1 else ins  # self-attention: query is key is value
+    out, w = fa(*args, key_padding_mask=pad, attn_mask=causal, need_weights=need)
+    ref_plain, ref_w = plain(q0, k0, v0, key_padding_mask=pad, attn_mask=causal, need_weights=need)
     torch.testing.assert_close(out, ref_plain)
-    torch.testing.assert_close(w, ref_w)
+    assert (w is None) == (ref_w is None) and (w is None or torch.allclose(w, ref_w))
     delta = torch.randn_like(out)
     out.backward(delta)
     mine = {n: p.grad.clone() for n, p in fa.named_parameters()}
     for p in fa.parameters():
         p.grad = None
-    refs = [t.clone().transpose(0, 1).requires_grad_() for t in (q0, k0, v0)]
+    refs = [t.detach().transpose(0, 1).requires_grad_() for t in ins]
     blocked = causal[None] | pad[:, None]  # (N, L, S)
     blocked = torch.zeros(blocked.shape).masked_fill(blocked, -math.inf)
-    ref_out, _ = ref_attention(fa, *refs, mask=blocked)
+    ref_out, _ = ref_attention(fa, *(refs * 3 if len(refs) == 1 else refs), mask=blocked)
     ref_out.transpose(0, 1).backward(delta)
     for n, p in fa.named_parameters():
         torch.testing.assert_close(mine[n], p.grad, msg=n)

@@ -75,18 +75,17 @@ class FAMultiheadAttention(FALayer, nn.MultiheadAttention):
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif self.batch_first:  # work sequence-first, as torch does
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        out, weights = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal)
+        out, weights = self._attend(query, key, value, key_padding_mask, attn_mask, is_causal, need_weights)
         if need_weights:
             weights = weights.mean(dim=1) if average_attn_weights else weights
             weights = weights if batched else weights.squeeze(0)
-        else:
-            weights = None
         if not batched:
             return out.squeeze(1), weights
         return (out.transpose(0, 1) if self.batch_first else out), weights
 
-    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> tuple[Tensor, Tensor]:
-        """Sequence-first attention: out (L, N, E) and weights (N, H, L, S)."""
+    def _attend(self, query, key, value, key_padding_mask, attn_mask, is_causal,
+                need_weights) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+        """Sequence-first attention: out (L, N, E) and weights (N, H, L, S) or None."""
         L, N, E = query.shape
         H, d = self.num_heads, self.head_dim
         q, k, v = self._in_projection(query, key, value)
@@ -108,14 +107,24 @@ class FAMultiheadAttention(FALayer, nn.MultiheadAttention):
             mask = None if mask is None else F.pad(mask, (0, 1))
             pad = None if pad is None else F.pad(pad, (0, 1))
         S = k.shape[1]
-        scores = q @ k.transpose(1, 2) / math.sqrt(d)  # (N·H, L, S)
-        if mask is not None:
-            scores = scores + (mask if mask.dim() == 3 else mask.unsqueeze(0))
+        bias = None if mask is None else (mask if mask.dim() == 3 else mask.unsqueeze(0))  # (N·H|1, L, S)
         if pad is not None:
-            scores = scores + pad.view(N, 1, 1, S).expand(N, H, 1, S).reshape(N * H, 1, S)
-        weights = torch.softmax(scores, dim=-1)
-        if self.training and self.dropout > 0:
-            weights = F.dropout(weights, self.dropout)
-        out = (weights @ v).transpose(0, 1).reshape(L, N, E)  # (L, N·H, d) -> (L, N, E)
+            pad = pad.view(N, 1, 1, S).expand(N, H, 1, S).reshape(N * H, 1, S)
+            bias = pad if bias is None else bias + pad
+        dropout = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = q @ k.transpose(1, 2) / math.sqrt(d)  # (N·H, L, S)
+            weights = torch.softmax(scores if bias is None else scores + bias, dim=-1)
+            weights = F.dropout(weights, dropout) if dropout > 0 else weights
+            out = weights @ v  # (N·H, L, d)
+            weights = weights.view(N, H, L, S)
+        else:  # the same attention by torch's fused kernel (its backward is the true derivative)
+            if bias is not None:  # (N·H|1, L|1, S) -> (N|1, H|1, L|1, S)
+                bias = bias.view(*((N, H) if bias.shape[0] == N * H else (1, 1)), *bias.shape[1:])
+            q4, k4, v4 = q.view(N, H, L, d), k.view(N, H, S, d), v.view(N, H, S, d)
+            out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=bias, dropout_p=dropout)
+            out = out.view(N * H, L, d)
+        out = out.transpose(0, 1).reshape(L, N, E)  # (L, N·H, d) -> (L, N, E)
         out = fa_linear(out, self.out_proj.weight, self.out_proj.bias, feedback_for(self.out_proj))
-        return out, weights.view(N, H, L, S)
+        return out, weights
