@@ -184,6 +184,17 @@ def test_transformer_eval_fast_path_matches_the_fa_forward():
     with torch.enable_grad():  # the fa forward, written in Python
         slow = model(x)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(8, 2, 16, batch_first=True, norm_first=True)
+    dec = feedalign.convert(nn.TransformerDecoder(layer, 2), "fa", seed=0)
+    tgt, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    mask = nn.Transformer.generate_square_subsequent_mask(3)
+    dec(tgt, memory, tgt_mask=mask, tgt_is_causal=True).square().sum().backward()
+    assert all(p.grad is not None for p in dec.parameters())
+    dec.eval()
+    with torch.no_grad():
+        fast = dec(tgt, memory, tgt_mask=mask)
+    torch.testing.assert_close(fast, dec(tgt, memory, tgt_mask=mask), atol=1e-5, rtol=1e-4)
 
 
 # --- random feedback by default ---------------------------------------------------------
