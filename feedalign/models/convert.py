@@ -92,8 +92,9 @@ def convert(
 
 
 def feedback(model: nn.Module) -> list[Tensor]:
-    """The feedback matrices in forward order: fa — one per layer, of its weight's
-    shape; dfa — B_i of shape (n_outputs, n_i); bp — empty."""
+    """The feedback matrices in module order: fa family — one per weight under the rule
+    (a parameter `w` of module m with `m.<feedback_name(w)>`), of the weight's shape;
+    dfa — B_i of shape (n_outputs, n_i); bp — empty."""
     out: list[Tensor] = []
     for m in model.modules():
         out.extend(getattr(m, feedback_name(n)) for n, _ in m.named_parameters(recurse=False)
