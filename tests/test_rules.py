@@ -103,7 +103,8 @@ def test_dfa_bounds_and_rfb_mag():
     assert all(1.5 < b.abs().max() <= 2.0 for b in fb)
     m = mlp3(nn.Tanh)
     w = [m[i].weight.clone() for i in (0, 2, 4)]
-    assert all(torch.equal(a, b) for a, b in zip(w, feedalign.feedback(feedalign.convert(m, "fa"))))
+    fb = feedalign.feedback(feedalign.convert(m, "fa", feedback_init="weights"))
+    assert all(torch.equal(a, b) for a, b in zip(w, fb))
 
 
 def _bn_backward(dy, xhat, gamma, var, eps):
@@ -220,7 +221,7 @@ def conv_net():
 
 @pytest.mark.parametrize("build", [lambda: mlp3(nn.Tanh), conv_net])
 def test_fa_with_feedback_equal_to_weights_is_bp(build):
-    plain, fa = _twin_models(build, "fa")  # rfb_mag=0: B = copy of W
+    plain, fa = _twin_models(build, "fa", feedback_init="weights")  # B = copy of W
     x = torch.randn(6, 2, 4, 4) if build is conv_net else torch.randn(6, 5)
     t = torch.randint(0, 3, (6,))
     for m in (plain, fa):

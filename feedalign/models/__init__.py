@@ -107,6 +107,7 @@ def build_model(
         seed=fb_seed,
         input_shape=tuple(input_shape),
         error_at=error_at,
+        feedback_init="weights",  # docs/original.md §1: B = the initial weights
     )
     if gradient in ("fa", "dfa") and nonlin in ("tanh", "sigm"):
         with torch.no_grad():  # SPEC §1: dfa learns from a zero initial condition

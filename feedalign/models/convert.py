@@ -1,35 +1,41 @@
 """`convert(model, rule)`: put a learning rule on an existing PyTorch model, in place.
 
-fa swaps every nn.Linear / nn.Conv2d for its FA twin (same parameters, plus a
-`feedback` buffer); it works on any module tree. The direct rules (dfa, drtp,
-shallow) put taps at block boundaries and an Output after the output layer, on
-any module tree too: where, is feedalign/models/blocks.py's business.
+fa and the rest of the per-layer family turn every weight layer of torch.nn (Linear,
+Conv*, ConvTranspose*, MultiheadAttention, RNN/LSTM/GRU) into its fa twin in place
+(same parameters, plus a feedback per weight) on any module tree, and refuse by name
+what they cannot train (docs/fa.md). The direct rules (dfa, drtp, shallow) put taps
+at block boundaries and an Output after the output layer, on any module tree too:
+where, is feedalign/models/blocks.py's business (docs/models.md).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import Tensor, nn
 
 from feedalign.models.blocks import BlockSpec, convert_direct
-from feedalign.rules import check_rule
+from feedalign.rules import check_rule, fa_guard
 from feedalign.rules.dfa import DFAOutput
-from feedalign.rules.fa import FAConv2d, FALinear
-from feedalign.rules.feedback import generator, uniform
+from feedalign.rules.fa import (
+    FABilinear,
+    FAConv1d,
+    FAConv2d,
+    FAConv3d,
+    FAConvTranspose1d,
+    FAConvTranspose2d,
+    FAConvTranspose3d,
+    FALayer,
+    FALinear,
+)
+from feedalign.rules.fa_attention import FAMultiheadAttention
+from feedalign.rules.fa_recurrent import FAGRU, FALSTM, FARNN, FAGRUCell, FALSTMCell, FARNNCell
+from feedalign.rules.feedback import feedback_name, generator, uniform
 
-TRAINABLE = (nn.Linear, nn.Conv2d)
+TRAINABLE = (nn.Linear, nn.Conv2d)  # the layers build_model initialises (docs/original.md §1)
 ERROR_AT = ("logits", "output")
 DIRECT = {"dfa": "error", "drtp": "target", "shallow": "none"}  # rule -> the signal its taps receive
-
-
-def _is_trainable(m: nn.Module) -> bool:
-    return type(m) in TRAINABLE or isinstance(m, (FALinear, FAConv2d))
-
-
-def _unsupported(m: nn.Module) -> bool:
-    """Layers with weights that fa/dfa cannot handle (yet): say so rather than train them by bp."""
-    conv_or_linear = isinstance(m, (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear))
-    return conv_or_linear and not _is_trainable(m)
 
 
 def convert(
@@ -42,13 +48,14 @@ def convert(
     error_at: str = "logits",
     blocks: BlockSpec = None,
     output: str | None = None,
+    feedback_init: str = "random",
 ) -> nn.Module:
     """Make `model` learn by `rule` (one of feedalign.RULES); returns the same object.
 
-    rfb_mag: 0 = SPEC §1 defaults (fa: B is a copy of the layer's current weights,
-        as the original copied the initial ones; dfa: B_i ~ U[±1/sqrt(n_i)]);
-        X > 0: every feedback matrix ~ U[-X, X].
-    seed: seeds the feedback draw (None: torch's global RNG).
+    rfb_mag: 0 = defaults (fa: see feedback_init; dfa: B_i ~ U[±1/sqrt(n_i)],
+        docs/original.md §1); X > 0: every feedback matrix ~ U[-X, X].
+    seed: seeds the feedback draw (fa: hashed, so never torch's global stream for the
+        same seed; None: a fresh seed).
     input_shape: direct rules: per-sample input shape, e.g. (3, 32, 32); draws the
         feedback now with a forward on zeros. Not needed: without it the taps are
         sized at the first forward pass (also for integer inputs such as token ids).
@@ -57,18 +64,18 @@ def convert(
         choice (docs/models.md, "Your own model"; feedalign.describe lists it).
     error_at: direct rules only. "logits" (default): e = dL/d(output layer's output).
         "output": e = dL/d(model output), the original's behaviour under `ce`
-        (there the gradient w.r.t. log-softmax, -onehot/N; SPEC §3 calls it a defect).
+        (there the gradient w.r.t. log-softmax, -onehot/N; docs/original.md §3 calls it a defect).
+    feedback_init: fa only, with rfb_mag 0. "random" (default): each B is an independent
+        draw from its layer's default initialisation; "weights": a copy of the current
+        weights (the original's choice; build_model uses it).
     """
     check_rule(rule)
     if rfb_mag < 0:
-        raise ValueError(f"rfb_mag must be >= 0 (0 = SPEC defaults), got {rfb_mag}")
+        raise ValueError(f"rfb_mag must be >= 0 (0 = the defaults of docs/original.md §1), got {rfb_mag}")
     if any(getattr(m, "rule", None) for m in model.modules()):
         raise ValueError("model is already converted; build a fresh model to change its rule")
-    bad = [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules() if _unsupported(m)]
-    if bad and rule == "fa":
-        raise ValueError(f"{rule} supports nn.Linear and nn.Conv2d only; cannot convert: {', '.join(bad)}")
     if rule == "fa":
-        _convert_fa(model, rfb_mag, generator(seed))
+        _convert_fa(model, rule, rfb_mag, generator(seed), feedback_init=feedback_init)
     elif rule in DIRECT:
         _convert_direct(
             model, DIRECT[rule], rfb_mag, generator(seed),
@@ -78,14 +85,15 @@ def convert(
 
 
 def feedback(model: nn.Module) -> list[Tensor]:
-    """The feedback matrices in forward order: fa — one per layer, of its weight's
-    shape; dfa, drtp — B_i of shape (n_outputs, n_i), drawn at the first forward
-    pass (before it this raises); bp, shallow — empty."""
+    """The feedback matrices: per-layer rules — one per weight under the rule (a parameter
+    `w` of module m with `m.<feedback_name(w)>`), of the weight's shape, in module order;
+    dfa, drtp — B_i of shape (n_outputs, n_i), drawn at the first forward pass (before
+    it this raises); bp, shallow — empty."""
     out: list[Tensor] = []
     for m in model.modules():
-        if isinstance(m, (FALinear, FAConv2d)):
-            out.append(m.feedback)
-        elif isinstance(m, DFAOutput):
+        out.extend(getattr(m, feedback_name(n)) for n, _ in m.named_parameters(recurse=False)
+                   if hasattr(m, feedback_name(n)))  # fmt: skip
+        if isinstance(m, DFAOutput):
             out.extend(m.split())
     return out
 
@@ -99,47 +107,98 @@ def rule_of(model: nn.Module) -> str:
 
 # --- fa ---------------------------------------------------------------------------
 
-
-def _fa_twin(layer: nn.Module) -> nn.Module:
-    """FA layer sharing `layer`'s Parameter objects (optimizers built earlier still work)."""
-    kw = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-    has_bias = layer.bias is not None
-    if isinstance(layer, nn.Linear):
-        twin = FALinear(layer.in_features, layer.out_features, has_bias, **kw)
-    else:
-        twin = FAConv2d(
-            layer.in_channels,
-            layer.out_channels,
-            layer.kernel_size,
-            layer.stride,
-            layer.padding,
-            layer.dilation,
-            layer.groups,
-            has_bias,
-            layer.padding_mode,
-            **kw,
-        )
-    twin.weight = layer.weight
-    twin.bias = layer.bias
-    twin.train(layer.training)
-    return twin
+FEEDBACK_INITS = ("random", "weights")
+FA_SEED_SALT = "feedalign.fa.feedback"  # feedback seeds are hashed: never torch's global stream for a seed
+# torch layer -> its fa twin (subclasses that keep the torch forward get a twin made from both)
+FA_TWINS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: FALinear, nn.Conv1d: FAConv1d, nn.Conv2d: FAConv2d, nn.Conv3d: FAConv3d,
+    nn.ConvTranspose1d: FAConvTranspose1d, nn.ConvTranspose2d: FAConvTranspose2d,
+    nn.ConvTranspose3d: FAConvTranspose3d, nn.MultiheadAttention: FAMultiheadAttention,
+    nn.RNN: FARNN, nn.LSTM: FALSTM, nn.GRU: FAGRU,
+    nn.RNNCell: FARNNCell, nn.LSTMCell: FALSTMCell, nn.GRUCell: FAGRUCell, nn.Bilinear: FABilinear,
+}  # fmt: skip
+_SUBCLASS_TWINS: dict[type[nn.Module], type[nn.Module]] = {}
 
 
-def _convert_fa(model: nn.Module, rfb_mag: float, gen: torch.Generator | None) -> None:
-    if _is_trainable(model):
-        raise ValueError("convert a container holding the layer, not a bare Linear/Conv2d")
-    layers = [(p, n, c) for p in model.modules() for n, c in p.named_children() if _is_trainable(c)]
-    if not layers:
-        raise ValueError("fa: the model has no nn.Linear or nn.Conv2d layer to convert")
-    for parent, name, layer in layers:
-        twin = _fa_twin(layer)
-        with torch.no_grad():
-            if rfb_mag > 0:
-                w = twin.weight
-                twin.feedback.copy_(uniform(w.shape, rfb_mag, gen, dtype=w.dtype, device=w.device))
-            else:  # SPEC §1: a copy of the layer's initial weights
-                twin.feedback.copy_(twin.weight)
-        setattr(parent, name, twin)
+def _torch_base(cls: type[nn.Module]) -> type[nn.Module] | None:
+    return next((base for base in FA_TWINS if issubclass(cls, base)), None)
+
+
+def _unsupported(m: nn.Module) -> str | None:
+    """Why fa cannot train module `m`'s weights itself (None: it can, or `m` has no weight of its own)."""
+    cls = type(m)
+    if isinstance(m, nn.modules.lazy.LazyModuleMixin):
+        return "a lazy module: run one forward pass before converting"
+    base = _torch_base(cls)
+    if base is not None and cls.forward is not base.forward and not isinstance(m, FALayer):
+        return f"its class overrides {base.__name__}.forward"
+    return None
+
+
+def _fa_twin(layer: nn.Module) -> None:
+    """Turn `layer` into its fa twin in place: the class is swapped, so its Parameter objects,
+    hooks and attributes stay (optimizers built earlier and state_dict keys still work)."""
+    cls, base = type(layer), _torch_base(type(layer))
+    twin = FA_TWINS[cls] if cls in FA_TWINS else _SUBCLASS_TWINS.get(cls)
+    if twin is None:  # e.g. attention's NonDynamicallyQuantizableLinear: its own class, fa's forward
+        twin = _SUBCLASS_TWINS[cls] = type(f"FA{cls.__name__}", (FA_TWINS[base], cls), {})
+    layer.__class__ = twin
+
+
+def _fa_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers fa converts, in named_modules order; refuses, by name, what it cannot train."""
+    found, bad, inside = [], [], set()
+    for name, m in model.named_modules():
+        if id(m) in inside:  # out_proj of an attention layer: the attention twin trains it
+            continue
+        why = _unsupported(m)
+        if why is not None:
+            bad.append(f"{name or '<root>'} ({type(m).__name__}: {why})")
+        elif _torch_base(type(m)) is not None:
+            found.append(m)
+            inside.update(id(c) for c in m.modules() if c is not m)
+    if bad:
+        raise ValueError(f"fa cannot train these layers' weights: {'; '.join(bad)}")
+    if not found:
+        kinds = ", ".join(c.__name__ for c in FA_TWINS)
+        raise ValueError(f"fa: the model has no layer with weights to train by fa ({kinds})")
+    return found
+
+
+def _fa_generator(gen: torch.Generator | None) -> torch.Generator:
+    """A generator for the feedback draw: `gen`'s seed hashed with a constant, so that
+    `torch.manual_seed(s); model = Net(); convert(model, "fa", seed=s)` does not redraw W;
+    without a seed, a fresh seed from the OS (never torch's global stream)."""
+    seed = torch.Generator().seed() if gen is None else gen.initial_seed()
+    digest = hashlib.sha256(f"{FA_SEED_SALT}:{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _convert_fa(model: nn.Module, rule: str, rfb_mag: float, gen: torch.Generator | None, *,
+                feedback_init: str = "random") -> None:  # fmt: skip
+    """Give every weight layer of `model` the per-layer `rule` (fa family), in place.
+
+    B_0 of each weight: rfb_mag > 0 — U[-rfb_mag, rfb_mag]; else feedback_init
+    "random" — an independent draw from the layer's default initialisation
+    U(±bound) (Linear/Conv: 1/√fan_in; RNN: 1/√hidden; attention in_proj: xavier);
+    "weights" — a copy of the current weights (the original's choice, docs/original.md §1).
+    """
+    if feedback_init not in FEEDBACK_INITS:
+        raise ValueError(f"feedback_init must be one of {FEEDBACK_INITS}, got {feedback_init!r}")
+    layers = _fa_layers(model)
+    gen = _fa_generator(gen)
+
+    def initial(w: Tensor, bound: float) -> Tensor:
+        if rfb_mag > 0:
+            return uniform(w.shape, rfb_mag, gen, dtype=w.dtype, device=w.device)
+        if feedback_init == "weights":
+            return w.clone()
+        return uniform(w.shape, bound, gen, dtype=w.dtype, device=w.device)
+
+    for layer in layers:
+        _fa_twin(layer)
+        layer.fa_setup(rule, initial)
+    fa_guard.install(model)
 
 
 # --- the direct rules: dfa, drtp, shallow (feedalign/models/blocks.py) --------------
