@@ -74,7 +74,7 @@ def variants(layers: int, hidden: int = 800, nonlin: str = "tanh") -> dict[str, 
     out: dict[str, tuple[nn.Module, nn.Module]] = {"plain-bp": (plain_bp_model(layers, hidden), PlainBCE())}
     for rule in ("bp", "fa", "dfa"):
         # the paper's init: with tanh, fa and dfa start from zero weights (--nonlin relu: random)
-        model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient=rule, nonlin=nonlin, num_layers=layers,
+        model = feedalign.build_model("mlp", (1, 28, 28), 10, rule=rule, nonlin=nonlin, num_layers=layers,
                                       num_hidden=hidden, seed=0)  # fmt: skip
         out[rule] = (model, feedalign.BCE())
     return out

@@ -103,7 +103,8 @@ def test_dfa_bounds_and_rfb_mag():
     assert all(1.5 < b.abs().max() <= 2.0 for b in fb)
     m = mlp3(nn.Tanh)
     w = [m[i].weight.clone() for i in (0, 2, 4)]
-    assert all(torch.equal(a, b) for a, b in zip(w, feedalign.feedback(feedalign.convert(m, "fa"))))
+    copied = feedalign.feedback(feedalign.convert(m, "fa", feedback_init="weights"))
+    assert all(torch.equal(a, b) for a, b in zip(w, copied))
 
 
 def _bn_backward(dy, xhat, gamma, var, eps):
@@ -220,7 +221,7 @@ def conv_net():
 
 @pytest.mark.parametrize("build", [lambda: mlp3(nn.Tanh), conv_net])
 def test_fa_with_feedback_equal_to_weights_is_bp(build):
-    plain, fa = _twin_models(build, "fa")  # rfb_mag=0: B = copy of W
+    plain, fa = _twin_models(build, "fa", feedback_init="weights")  # B = copy of W
     x = torch.randn(6, 2, 4, 4) if build is conv_net else torch.randn(6, 5)
     t = torch.randint(0, 3, (6,))
     for m in (plain, fa):
@@ -311,7 +312,7 @@ def test_dfa_projects_every_tap_from_one_product():
 @pytest.mark.parametrize("rule", ["fa", "dfa"])
 def test_rules_run_under_bf16_autocast(rule):
     """--amp bf16: the backward products run in the gradient's dtype, parameters keep float32."""
-    model = feedalign.build_model("conv", (3, 16, 16), 4, gradient=rule, nonlin="relu", seed=0).float()
+    model = feedalign.build_model("conv", (3, 16, 16), 4, rule=rule, nonlin="relu", seed=0).float()
     x, t = torch.randn(4, 3, 16, 16, dtype=torch.float32), torch.tensor([0, 1, 2, 3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)

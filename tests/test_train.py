@@ -157,7 +157,7 @@ class Recorder:
 
 
 def _small(rule, seed=0):
-    model = feedalign.build_model("mlp", (6,), 3, gradient=rule, num_hidden=5, nonlin="relu", seed=seed)
+    model = feedalign.build_model("mlp", (6,), 3, rule=rule, num_hidden=5, nonlin="relu", seed=seed)
     return model.double()
 
 

@@ -1,7 +1,9 @@
-"""`convert(model, rule)`: put fa or dfa on an existing PyTorch model, in place.
+"""`convert(model, rule)`: put a learning rule of `feedalign.RULES` on an existing
+PyTorch model, in place.
 
-fa swaps every nn.Linear / nn.Conv2d for its FA twin (same parameters, plus a
-`feedback` buffer); it works on any module tree. dfa needs the forward order,
+The per-layer rules (fa, usf, frsf, brsf, kp) swap every nn.Linear / nn.Conv2d
+for its FA twin (same parameters, plus the rule's feedback state, see
+rules/feedback.py); they work on any module tree. dfa needs the forward order,
 so it works on nn.Sequential (nested allowed): a block runs from one
 Linear/Conv2d up to the next, an ErrorTap sits at the end of each hidden block
 (immediately before the next trainable layer, i.e. after its nonlinearity,
@@ -15,10 +17,18 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from feedalign.rules import check_rule
+from feedalign.rules import RULES, check_rule
 from feedalign.rules.dfa import Broadcast, DFAOutput, ErrorTap
 from feedalign.rules.fa import FAConv2d, FALinear
-from feedalign.rules.feedback import dfa_bound, generator, uniform
+from feedalign.rules.feedback import (
+    add_feedback,
+    dfa_bound,
+    feedback_for,
+    feedback_name,
+    generator,
+    init_bound,
+    uniform,
+)
 
 TRAINABLE = (nn.Linear, nn.Conv2d)
 ERROR_AT = ("logits", "output")
@@ -42,53 +52,79 @@ def convert(
     seed: int | None = None,
     input_shape: tuple[int, ...] | None = None,
     error_at: str = "logits",
+    feedback_init: str = "random",
 ) -> nn.Module:
-    """Make `model` learn by `rule` ("bp", "fa" or "dfa"); returns the same object.
+    """Make `model` learn by `rule` (a name in `feedalign.RULES`); returns the same object.
 
-    rfb_mag: 0 = SPEC §1 defaults (fa: B is a copy of the layer's current weights,
-        as the original copied the initial ones; dfa: B_i ~ U[±1/sqrt(n_i)]);
-        X > 0: every feedback matrix ~ U[-X, X].
-    seed: seeds the feedback draw (None: torch's global RNG).
-    input_shape: per-sample input shape, e.g. (3, 32, 32); dfa needs it to size
-        its taps when the first layer is a Conv2d (for a Linear it is inferred).
+    Per-layer rules (fa, usf, frsf, brsf, kp) work on any module tree; direct rules
+    (dfa, drtp, shallow) on nn.Sequential (nested allowed); bp changes nothing.
+    rfb_mag: 0 = defaults (per-layer: B_0 as `feedback_init` says; dfa: B_i ~
+        U[±1/sqrt(n_i)], docs/original.md §1); X > 0: every feedback matrix ~ U[-X, X].
+    seed: seeds the feedback draws (None: torch's global RNG).
+    input_shape: per-sample input shape, e.g. (3, 32, 32); direct rules need it to
+        size their taps when the first layer is a Conv2d (for a Linear it is inferred).
     error_at: dfa only. "logits" (default): e = dL/d(output layer's output).
         "output": e = dL/d(model output), the original's behaviour under `ce`
-        (there the gradient w.r.t. log-softmax, -onehot/N; SPEC §3 calls it a defect).
+        (there the gradient w.r.t. log-softmax, -onehot/N; docs/original.md §3 calls it a defect).
+    feedback_init: per-layer rules' B_0: "random" (an independent draw with the
+        distribution of the layer's default initialisation) or "weights" (a copy of
+        the layer's current weights, the original's fa, docs/original.md §1).
     """
-    check_rule(rule)
+    spec = RULES[check_rule(rule)]
     if rfb_mag < 0:
-        raise ValueError(f"rfb_mag must be >= 0 (0 = SPEC defaults), got {rfb_mag}")
-    if any(getattr(m, "rule", None) for m in model.modules()):
+        raise ValueError(f"rfb_mag must be >= 0 (0 = the defaults), got {rfb_mag}")
+    if rule_of(model) != "bp":
         raise ValueError("model is already converted; build a fresh model to change its rule")
     bad = [f"{n or '<root>'} ({type(m).__name__})" for n, m in model.named_modules() if _unsupported(m)]
-    if bad and rule != "bp":
+    if bad and spec.kind != "bp":
         raise ValueError(f"{rule} supports nn.Linear and nn.Conv2d only; cannot convert: {', '.join(bad)}")
-    if rule == "fa":
-        _convert_fa(model, rfb_mag, generator(seed))
-    elif rule == "dfa":
-        if error_at not in ERROR_AT:
-            raise ValueError(f"error_at must be one of {ERROR_AT}, got {error_at!r}")
-        _convert_dfa(model, rfb_mag, generator(seed), input_shape, error_at)
+    if spec.kind == "per-layer":
+        _convert_fa(model, rule, rfb_mag, generator(seed), feedback_init=feedback_init)
+    elif spec.kind == "direct":
+        _convert_direct(model, spec.signal, rfb_mag, generator(seed), input_shape=input_shape,
+                        error_at=error_at)  # fmt: skip
+    model.learning_rule = rule  # what rule_of() reports
     return model
 
 
 def feedback(model: nn.Module) -> list[Tensor]:
-    """The feedback matrices in forward order: fa — one per layer, of its weight's
-    shape; dfa — B_i of shape (n_outputs, n_i); bp — empty."""
+    """The feedback matrices in forward order: per-layer rules — for each weight a
+    layer handles, the B its backward uses now (the weight's shape; computed from W
+    for usf / frsf / brsf, so writing into those changes nothing); direct rules —
+    B_i of shape (n_outputs, n_i); bp — empty."""
     out: list[Tensor] = []
-    for m in model.modules():
-        if isinstance(m, (FALinear, FAConv2d)):
-            out.append(m.feedback)
-        elif isinstance(m, DFAOutput):
-            out.extend(m.split())
+    with torch.no_grad():  # no side effects: brsf redraws only in a training forward
+        for m in model.modules():
+            if isinstance(m, DFAOutput):
+                out.extend(m.split())
+            for name, _ in m.named_parameters(recurse=False):
+                if hasattr(m, feedback_name(name)):
+                    out.append(feedback_for(m, name).detach())
     return out
 
 
 def rule_of(model: nn.Module) -> str:
+    """The name of the rule `model` learns by (a key of RULES): the one `convert`
+    recorded; for a part of a converted model, the rule of the layers inside it;
+    "bp" for a model that was never converted."""
     for m in model.modules():
+        if hasattr(m, "learning_rule"):
+            return m.learning_rule
+        if hasattr(m, "feedback_rule"):
+            return m.feedback_rule
         if getattr(m, "rule", None):
             return m.rule
     return "bp"
+
+
+def _convert_direct(model, signal, rfb_mag, gen, *, blocks=None, input_shape=None, error_at="logits"):
+    """Seam for the direct rules' converter (the direct rules' branch replaces this
+    with the general one); here only dfa's signal, the output error."""
+    if signal != "error":
+        raise ValueError(f"the direct signal {signal!r} is not implemented on this branch")
+    if error_at not in ERROR_AT:
+        raise ValueError(f"error_at must be one of {ERROR_AT}, got {error_at!r}")
+    _convert_dfa(model, rfb_mag, gen, input_shape, error_at)
 
 
 # --- fa ---------------------------------------------------------------------------
@@ -119,7 +155,11 @@ def _fa_twin(layer: nn.Module) -> nn.Module:
     return twin
 
 
-def _convert_fa(model: nn.Module, rfb_mag: float, gen: torch.Generator | None) -> None:
+def _convert_fa(
+    model: nn.Module, rule: str, rfb_mag: float, gen: torch.Generator | None, *, feedback_init: str
+) -> None:
+    if feedback_init not in ("random", "weights"):
+        raise ValueError(f"feedback_init must be 'random' or 'weights', got {feedback_init!r}")
     if _is_trainable(model):
         raise ValueError("convert a container holding the layer, not a bare Linear/Conv2d")
     layers = [(p, n, c) for p in model.modules() for n, c in p.named_children() if _is_trainable(c)]
@@ -127,12 +167,14 @@ def _convert_fa(model: nn.Module, rfb_mag: float, gen: torch.Generator | None) -
         raise ValueError("fa: the model has no nn.Linear or nn.Conv2d layer to convert")
     for parent, name, layer in layers:
         twin = _fa_twin(layer)
-        with torch.no_grad():
-            if rfb_mag > 0:
-                w = twin.weight
-                twin.feedback.copy_(uniform(w.shape, rfb_mag, gen, dtype=w.dtype, device=w.device))
-            else:  # SPEC §1: a copy of the layer's initial weights
-                twin.feedback.copy_(twin.weight)
+        w = twin.weight.detach()
+        if rfb_mag > 0:
+            initial = uniform(w.shape, rfb_mag, gen, dtype=w.dtype, device=w.device)
+        elif feedback_init == "weights":  # docs/original.md §1: a copy of the layer's initial weights
+            initial = w.clone()
+        else:  # the distribution of the layer's default initialisation
+            initial = uniform(w.shape, init_bound(w), gen, dtype=w.dtype, device=w.device)
+        add_feedback(twin, "weight", initial, rule)
         setattr(parent, name, twin)
 
 

@@ -154,7 +154,7 @@ def group_runs(results: list[RunResult], rows: list[Row] | None = None,
 
 
 def _rule_order(rule: str) -> int:
-    return RULES.index(rule) if rule in RULES else len(RULES)
+    return list(RULES).index(rule) if rule in RULES else len(RULES)
 
 
 # --- formatting ---------------------------------------------------------------------

@@ -39,11 +39,13 @@ class FALinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ feedback.to(dt)  # (*, out) @ (out, in) -> (*, in)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out), leading dims folded
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)  # (out, N) @ (N, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0)
-        return grad_x, grad_w, grad_b, None
+        # kp: a trainable B receives W's gradient (rules/feedback.py, KolenPollack)
+        grad_fb = grad_w if ctx.needs_input_grad[3] else None
+        return grad_x, grad_w if ctx.needs_input_grad[1] else None, grad_b, grad_fb
 
 
 class FAConv2dFunction(torch.autograd.Function):
@@ -68,14 +70,16 @@ class FAConv2dFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # the error through B, not W
             grad_x = conv_backward(grad_out, x, feedback, None, *common, [True, False, False])[0]
-        want_w = ctx.needs_input_grad[1]
+        want_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]  # kp: B gets W's gradient too
         want_b = ctx.has_bias and ctx.needs_input_grad[2]
         if want_w or want_b:
             bias_sizes = [weight.shape[0]] if want_b else None
             _, grad_w, grad_b = conv_backward(
                 grad_out, x, weight, bias_sizes, *common, [False, want_w, want_b]
             )
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        grad_fb = grad_w if ctx.needs_input_grad[3] else None
+        grad_w = grad_w if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, grad_b, grad_fb, None, None, None, None
 
 
 class FALinear(nn.Linear):

@@ -63,7 +63,7 @@ class Options:
         "feedback magnitude X: 0 = SPEC §1 (fa: copy of the initial W; dfa: "
         "U[±1/sqrt(n_i)], n_i = tap size), X > 0: U[-X, X]",
     )
-    gradient: str = opt("dfa", "learning rule: bp | fa | dfa")
+    gradient: str = opt("dfa", f"learning rule: {' | '.join(RULES)} (docs/rules.md)")
     # --- optimisation (SPEC §4) ---
     eps: float = opt(0.0, "adversarial (fast gradient sign) step, in preprocessed input units; 0 off")
     accGradient: int = opt(0, "1 = add the clean gradient to the adversarial one (if eps > 0)")
@@ -114,7 +114,7 @@ class Options:
     def check(self) -> Options:
         """Refuse impossible values before any work starts (ValueError lists what is allowed)."""
         choices = {
-            "criterion": tuple(CRITERIA), "nonlin": tuple(NONLINS), "gradient": RULES,
+            "criterion": tuple(CRITERIA), "nonlin": tuple(NONLINS), "gradient": tuple(RULES),
             "optimization": OPTIMIZERS, "normalization": NORMALIZATIONS, "format": FORMATS,
             "type": TYPES, "amp": AMP, "error_at": ("logits", "output"),
         }  # fmt: skip
