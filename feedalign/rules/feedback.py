@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -241,3 +243,20 @@ def feedback_for(layer: nn.Module, weight: str = "weight") -> Tensor:
     place of `layer.<weight>`. Side-effect free except in a training forward
     (training mode, gradients on), where brsf draws its next M."""
     return PER_LAYER[layer.feedback_rule].feedback(layer, weight)
+
+
+@contextmanager
+def feedback_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this block training forwards may advance the rules' state (brsf's draw
+    counter and M); on exit every per-layer rule's buffers are put back as they were.
+    Diagnostics use it so that looking at a run (on rank 0 only) does not change it."""
+    layers = [m for m in model.modules() if hasattr(m, "feedback_rule")]
+    saved = [(buf, buf.detach().clone()) for m in layers for buf in m.buffers(recurse=False)]
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
+        for m in layers:
+            _forget_clocks(m, None)
