@@ -303,3 +303,32 @@ def test_every_per_layer_rule_trains_through_the_protocol(rule):
                    for b, w in zip(fb, (model[0].weight, model[3].weight)))  # fmt: skip
     names = set(model.state_dict())
     assert {"0.feedback", "3.feedback"} <= names
+
+
+# --- through the trainer ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["brsf", "kp"])
+def test_an_interrupted_and_resumed_run_is_bit_identical(rule, tmp_path):
+    """brsf's draw counter and kp's trainable B travel in the checkpoint."""
+    import json
+
+    from feedalign.train.config import Options
+    from feedalign.train.session import Interrupted, train
+
+    torch.set_default_dtype(torch.float32)  # the trainer's; the float64 fixture restores its own after
+
+    def opts(where: str) -> Options:
+        return Options(dataset="digits", datapath=str(tmp_path / "D"), preProcDir=str(tmp_path / "P"),
+                       epoch=2, LR=1e-3, num_hidden=32, seed=5, quiet=True, threads=1, type="float",
+                       gradient=rule, optimization="adam", weightDecay=1e-3,
+                       save=str(tmp_path / where))  # fmt: skip
+
+    ref = train(opts("a"))
+    with pytest.raises(Interrupted):
+        train(opts("b"), stop_at=(1, 10))
+    part = tmp_path / "b"
+    resumed = train(Options.from_dict(json.loads((part / "options.json").read_text())), resume=part)
+    a, b = (torch.load(r / "checkpoint.pt", weights_only=True)["model"] for r in (ref, resumed))
+    assert set(a) == set(b) and any("feedback" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
