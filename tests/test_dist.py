@@ -76,7 +76,9 @@ def _single(criterion, rule, batch, k, out):
         os.environ.update(saved)
 
 
-@pytest.mark.parametrize("criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp")])
+@pytest.mark.parametrize(
+    "criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp"), ("bce", "brsf"), ("bce", "kp")]
+)
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, criterion, rule):
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
     mp.spawn(_steps, args=(2, _free_port(), criterion, rule, 16, 6, str(two)), nprocs=2)
