@@ -11,7 +11,8 @@ the same run.
 Each round times `--steps` training steps (forward, loss, backward, RMSprop
 step) of every variant in turn, in a rotating order (interleaved in short
 blocks, so drifts in machine load hit all of them alike); the figures are the
-medians over rounds of samples per second and of the ratio to plain PyTorch BP
+medians over rounds of samples per second (wall-clock, or with `--clock cpu` per
+second of this process's CPU time) and of the ratio to plain PyTorch BP
 in the same round, with the interquartile range of that ratio, and the median
 ratio to fa in the same round (where fa is measured).
 
@@ -111,14 +112,15 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
     ratios: dict[str, list[float]] = {k: [] for k in steps}
     vs_fa: dict[str, list[float]] = {k: [] for k in steps}
     names = list(steps)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for r in range(args.rounds):
         this_round = {}
         for name in rotation(names, r):
             step = steps[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for x, y in batches:
                 step(x, y)
-            this_round[name] = n / (time.perf_counter() - t0)
+            this_round[name] = n / (clock() - t0)
         for name, rate in this_round.items():
             rates[name].append(rate)
             ratios[name].append(rate / this_round["plain-bp"])
@@ -139,6 +141,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=40, help="rounds; medians are reported (default 40)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate (default 1e-4)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default) or cpu: this process's CPU time, less sensitive to other "
+                   "tenants on a shared machine (use with --threads 1)")  # fmt: skip
     p.add_argument("--no-step", action="store_true", help="time forward + backward only, no optimizer step")
     p.add_argument(
         "--compile",
@@ -161,7 +166,7 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
         f"{args.steps} steps × {args.rounds} rounds, {args.nonlin}, "
         f"{'forward + backward only' if args.no_step else 'full training step (RMSprop)'}, "
-        f"optimizer compiled: {args.compile}, freed memory kept: {kept}"
+        f"optimizer compiled: {args.compile}, freed memory kept: {kept}, {args.clock} clock"
     )
     print(f"{'network':<14}{'variant':<10}{'samples/s':>12}{'vs plain BP':>13}{'IQR':>16}{'vs fa':>9}")
     for layers in args.layers:
