@@ -73,7 +73,7 @@ def test_defaults_are_the_originals():
         (["-optimization", "lbfgs"], "sgd, rmsprop, adam"),
         (["-criterion", "mse"], "bce, ce"),
         (["-nonlin", "gelu"], "tanh, sigm, relu"),
-        (["-gradient", "hebb"], "bp, fa, dfa"),
+        (["-gradient", "hebb"], "bp, fa, usf, frsf, brsf, kp, dfa, drtp, shallow"),
         (["-LR", "0"], "> 0"),
         (["-LR", "-1"], "> 0"),
         (["-batchSize", "0"], ">= 1"),
