@@ -190,7 +190,8 @@ def _seed_of(t: Tensor) -> int:
 
 
 def _mix(seed: int, step: int) -> int:
-    """Seed of draw `step`: one 64-bit LCG step of seed, plus step (distinct per step)."""
+    """Seed of draw `step`: seed·a + step·c mod 2^63 (LCG constants; c odd, so every
+    step of one seed gets its own seed)."""
     return (seed * 6364136223846793005 + step * 1442695040888963407) % (1 << 63)
 
 
