@@ -35,7 +35,7 @@ def timed(fn, batches) -> float:
 def measure(rule: str, args: argparse.Namespace) -> tuple[float, float]:
     """(median ms per training step, median ms per alignment call)."""
     torch.manual_seed(0)
-    model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient=rule, nonlin="tanh", seed=0)
+    model = feedalign.build_model("mlp", (1, 28, 28), 10, rule=rule, nonlin="tanh", seed=0)
     criterion = feedalign.BCE()
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.99, eps=1e-8)
     data = torch.rand(args.batch * args.steps, 1, 28, 28)

@@ -1,7 +1,9 @@
-"""Training throughput of feedalign's bp, fa and dfa against a plain PyTorch
-autograd back-prop loop of the same network, measured in the same run.
+"""Training throughput of feedalign's rules (every rule of `feedalign.RULES`)
+against a plain PyTorch autograd back-prop loop of the same network, measured in
+the same run.
 
     python bench/throughput.py                 # 2×800 and 4×800 tanh MLP, MNIST shape
+    python bench/throughput.py --layers 2 --rules fa usf frsf brsf kp   # a subset
     python bench/throughput.py --compile all   # every variant with a torch.compile'd RMSprop step
     python bench/throughput.py --compile feedalign  # feedalign's --compile_optimizer vs the plain loop
     python bench/throughput.py --layers 2 --rounds 9 --steps 300
@@ -9,8 +11,10 @@ autograd back-prop loop of the same network, measured in the same run.
 Each round times `--steps` training steps (forward, loss, backward, RMSprop
 step) of every variant in turn, in a rotating order (interleaved in short
 blocks, so drifts in machine load hit all of them alike); the figures are the
-medians over rounds of samples per second and of the ratio to plain PyTorch BP
-in the same round, with the interquartile range of that ratio.
+medians over rounds of samples per second (wall-clock, or with `--clock cpu` per
+second of this process's CPU time) and of the ratio to plain PyTorch BP
+in the same round, with the interquartile range of that ratio, and the median
+ratio to fa in the same round (where fa is measured).
 
 The process keeps freed memory (`feedalign.train.memory.keep_freed_memory`, as
 `feedalign train` does on the CPU) unless `--malloc default`; it applies to every
@@ -68,13 +72,16 @@ class PlainBCE(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(logits, onehot, reduction="sum")
 
 
-def variants(layers: int, hidden: int = 800, nonlin: str = "tanh") -> dict[str, tuple[nn.Module, nn.Module]]:
-    """{name: (model, criterion)}: plain PyTorch BP, then feedalign's bp, fa and dfa, on the
+def variants(
+    layers: int, hidden: int = 800, nonlin: str = "tanh", rules: tuple[str, ...] = ("bp", "fa", "dfa")
+) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """{name: (model, criterion)}: plain PyTorch BP, then feedalign's `rules`, on the
     same 784-(hidden × layers)-10 MLP."""
     out: dict[str, tuple[nn.Module, nn.Module]] = {"plain-bp": (plain_bp_model(layers, hidden), PlainBCE())}
-    for rule in ("bp", "fa", "dfa"):
-        # the paper's init: with tanh, fa and dfa start from zero weights (--nonlin relu: random)
-        model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient=rule, nonlin=nonlin, num_layers=layers,
+    for rule in rules:
+        # build_model's init: with tanh, fa and dfa start from zero weights as the original
+        # (docs/original.md §1); the other rules, and every rule under --nonlin relu, from random ones
+        model = feedalign.build_model("mlp", (1, 28, 28), 10, rule=rule, nonlin=nonlin, num_layers=layers,
                                       num_hidden=hidden, seed=0)  # fmt: skip
         out[rule] = (model, feedalign.BCE())
     return out
@@ -92,30 +99,34 @@ def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:
     labels = torch.randint(0, 10, (n,))
     batches = list(zip(data.split(args.batch), labels.split(args.batch)))
     full = not args.no_step
-    ours = ("bp", "fa", "dfa")
+    ours = tuple(args.rules)
     compiled = {"none": (), "all": ("plain-bp", *ours), "feedalign": ours}[args.compile]
     steps = {
         name: make_step(model, criterion, args.lr, full, name in compiled)
-        for name, (model, criterion) in variants(layers, args.hidden, args.nonlin).items()
+        for name, (model, criterion) in variants(layers, args.hidden, args.nonlin, ours).items()
     }
     for step in steps.values():  # warm-up
         for x, y in batches[:20]:
             step(x, y)
     rates: dict[str, list[float]] = {k: [] for k in steps}
     ratios: dict[str, list[float]] = {k: [] for k in steps}
+    vs_fa: dict[str, list[float]] = {k: [] for k in steps}
     names = list(steps)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for r in range(args.rounds):
         this_round = {}
         for name in rotation(names, r):
             step = steps[name]
-            t0 = time.perf_counter()
+            t0 = clock()
             for x, y in batches:
                 step(x, y)
-            this_round[name] = n / (time.perf_counter() - t0)
+            this_round[name] = n / (clock() - t0)
         for name, rate in this_round.items():
             rates[name].append(rate)
             ratios[name].append(rate / this_round["plain-bp"])
-    return {"rates": rates, "ratios": ratios}
+            if "fa" in this_round:
+                vs_fa[name].append(rate / this_round["fa"])
+    return {"rates": rates, "ratios": ratios, "vs_fa": vs_fa}
 
 
 def main() -> None:
@@ -123,11 +134,16 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="hidden layers (default 2 4)")
     p.add_argument("--hidden", type=int, default=800, help="units per hidden layer (default 800)")
     p.add_argument("--nonlin", default="tanh", help="tanh | sigm | relu (default tanh)")
+    p.add_argument("--rules", nargs="+", choices=tuple(feedalign.RULES), default=list(feedalign.RULES),
+                   metavar="RULE", help=f"rules to time (default all: {' '.join(feedalign.RULES)})")
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--steps", type=int, default=25, help="training steps per block (default 25)")
     p.add_argument("--rounds", type=int, default=40, help="rounds; medians are reported (default 40)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate (default 1e-4)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall (default) or cpu: this process's CPU time, less sensitive to other "
+                   "tenants on a shared machine (use with --threads 1)")  # fmt: skip
     p.add_argument("--no-step", action="store_true", help="time forward + backward only, no optimizer step")
     p.add_argument(
         "--compile",
@@ -150,16 +166,17 @@ def main() -> None:
         f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, "
         f"{args.steps} steps × {args.rounds} rounds, {args.nonlin}, "
         f"{'forward + backward only' if args.no_step else 'full training step (RMSprop)'}, "
-        f"optimizer compiled: {args.compile}, freed memory kept: {kept}"
+        f"optimizer compiled: {args.compile}, freed memory kept: {kept}, {args.clock} clock"
     )
-    print(f"{'network':<14}{'variant':<10}{'samples/s':>12}{'vs plain BP':>13}{'IQR':>16}")
+    print(f"{'network':<14}{'variant':<10}{'samples/s':>12}{'vs plain BP':>13}{'IQR':>16}{'vs fa':>9}")
     for layers in args.layers:
         res = run(layers, args)
         for name in res["rates"]:
             rate = statistics.median(res["rates"][name])
             q1, ratio, q3 = statistics.quantiles(res["ratios"][name], n=4)
             net = f"{layers}x{args.hidden}"
-            print(f"{net:<14}{name:<10}{rate:>12,.0f}{ratio:>12.3f}×   {q1:.3f}–{q3:.3f}")
+            fa = f"{statistics.median(res['vs_fa'][name]):8.3f}×" if res["vs_fa"][name] else ""
+            print(f"{net:<14}{name:<10}{rate:>12,.0f}{ratio:>12.3f}×   {q1:.3f}–{q3:.3f}{fa:>9}")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,7 @@ def test_angle_basics():
 @pytest.mark.parametrize("rule", ["bp", "fa"])
 def test_backprop_equivalents_give_zero(rule):
     torch.manual_seed(0)
-    kw = {"feedback_init": "weights"} if rule == "fa" else {}
-    model = convert(small_mlp().double(), rule, **kw)  # fa: B is a copy of W
+    model = convert(small_mlp().double(), rule, feedback_init="weights")  # fa: B is a copy of W
     x, y = batch()
     angles = alignment(model, x, y, BCE())
     assert list(angles) == ["1", "5", "7"]  # the Linear layers by their module names

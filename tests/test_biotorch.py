@@ -75,7 +75,7 @@ def test_lenet_shapes_and_parameter_count():
 @pytest.mark.parametrize("rule", ["bp", "fa", "dfa"])
 def test_lenet_trains_under_each_rule(rule):
     torch.manual_seed(0)
-    model = build_model("lenet", (1, 32, 32), 10, gradient=rule, nonlin="relu", criterion="ce", seed=1)
+    model = build_model("lenet", (1, 32, 32), 10, rule=rule, nonlin="relu", criterion="ce", seed=1)
     x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
     loss = torch.nn.functional.nll_loss(model(x), y)
     loss.backward()

@@ -63,7 +63,7 @@ def _steps(rank, world, port, criterion, rule, batch, k, out, seed_offset=0):
 def _train_k_steps(rt, criterion, rule, batch, k, out, seed_offset):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(256, 10, generator=g), torch.randint(0, 4, (256,), generator=g)
-    model = feedalign.build_model("mlp", (10,), 4, gradient=rule, nonlin="relu", num_hidden=16,
+    model = feedalign.build_model("mlp", (10,), 4, rule=rule, nonlin="relu", num_hidden=16,
                                   criterion=criterion, seed=1 + seed_offset * rt.rank)  # fmt: skip
     crit = feedalign.make_criterion(criterion)
     dist.check_same_feedback(rt, feedalign.feedback(model))
@@ -91,14 +91,16 @@ def _single(criterion, rule, batch, k, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp")])
+@pytest.mark.parametrize(
+    "criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp"), ("bce", "brsf"), ("bce", "kp")]
+)
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, criterion, rule):
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
     spawn(_steps, criterion, rule, 16, 6, str(two))
     _single(criterion, rule, 32, 6, str(one))
     a = torch.load(two, weights_only=True)
     b = torch.load(one, weights_only=True)
-    init = feedalign.build_model("mlp", (10,), 4, gradient=rule, nonlin="relu", num_hidden=16,
+    init = feedalign.build_model("mlp", (10,), 4, rule=rule, nonlin="relu", num_hidden=16,
                                  criterion=criterion, seed=1).state_dict()  # fmt: skip
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -159,7 +161,7 @@ def test_batch_loop_reads_the_host_only_at_sync_points(monkeypatch):
     """On a GPU every .item()/.tolist() is a synchronisation; count them on CPU."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64 * 100, 10, generator=g), torch.randint(0, 4, (6400,), generator=g)
-    model = feedalign.build_model("mlp", (10,), 4, gradient="dfa", num_hidden=8, seed=0)
+    model = feedalign.build_model("mlp", (10,), 4, rule="dfa", num_hidden=8, seed=0)
     opts = Options(type="float")
     step = TrainingStep(model, feedalign.BCE(), Optimizer(model.parameters(), opts), Schedule(1e-4, -1, 1))
     loader = EpochLoader(x, y, 64, seed=0)
@@ -184,7 +186,7 @@ def test_batch_loop_reads_the_host_only_at_sync_points(monkeypatch):
 def test_cuda_epoch_has_no_hidden_synchronisation():
     device = torch.device("cuda")
     x, y = torch.randn(6400, 1, 28, 28, device=device), torch.randint(0, 10, (6400,), device=device)
-    model = feedalign.build_model("mlp", (1, 28, 28), 10, gradient="dfa", seed=0).to(device)
+    model = feedalign.build_model("mlp", (1, 28, 28), 10, rule="dfa", seed=0).to(device)
     step = TrainingStep(
         model, feedalign.BCE(), Optimizer(model.parameters(), Options(type="cuda")), Schedule(1e-4, -1, 1)
     )
@@ -225,7 +227,7 @@ def _bn_worker(rank, world, port, out):
     _env(rank, world, port)
     rt = dist.setup("float", 1)
     try:
-        model = feedalign.build_model("mlp", (6,), 3, gradient="bp", batchnorm=1, num_hidden=5, seed=1)
+        model = feedalign.build_model("mlp", (6,), 3, rule="bp", batchnorm=1, num_hidden=5, seed=1)
         x = torch.randn(32, 6, generator=torch.Generator().manual_seed(10 + rank)) * (1 + rank) + rank
         model.train()
         model(x)

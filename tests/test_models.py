@@ -24,7 +24,7 @@ def test_every_parameter_gets_a_gradient_and_no_buffer_does(network, rule, nonli
         network,
         shape,
         5,
-        gradient=rule,
+        rule=rule,
         nonlin=nonlin,
         num_hidden=16,
         batchnorm=1,
@@ -50,13 +50,13 @@ def test_every_parameter_gets_a_gradient_and_no_buffer_does(network, rule, nonli
     assert all(not b.requires_grad and b.grad is None for b in fb)
     params = {id(p) for p in model.parameters()}
     assert not any(id(b) in params for b in fb)
-    zeroed = rule in ("fa", "dfa") and nonlin != "relu"  # docs/original.md §1
+    zeroed = feedalign.RULES[rule].original_init and nonlin != "relu"  # docs/original.md §1
     linear = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert all((m.weight.abs().sum() == 0) == zeroed for m in linear)
 
 
 def test_feedback_shapes_and_order():
-    dfa = feedalign.build_model("conv", (3, 32, 32), 10, gradient="dfa", seed=0)
+    dfa = feedalign.build_model("conv", (3, 32, 32), 10, rule="dfa", seed=0)
     assert [tuple(b.shape) for b in feedalign.feedback(dfa)] == [
         (10, 96 * 15 * 15),
         (10, 128 * 7 * 7),
@@ -64,21 +64,21 @@ def test_feedback_shapes_and_order():
         (10, 2048),
         (10, 2048),
     ]
-    fa = feedalign.build_model("mlp", (1, 28, 28), 10, gradient="fa", num_layers=3, seed=0)
+    fa = feedalign.build_model("mlp", (1, 28, 28), 10, rule="fa", num_layers=3, seed=0)
     assert [tuple(b.shape) for b in feedalign.feedback(fa)] == [
         (800, 784),
         (800, 800),
         (800, 800),
         (10, 800),
     ]
-    mnist_conv = feedalign.build_model("conv", (1, 28, 28), 10, gradient="dfa", seed=0)
+    mnist_conv = feedalign.build_model("conv", (1, 28, 28), 10, rule="dfa", seed=0)
     assert feedalign.feedback(mnist_conv)[2].shape == (10, 256 * 2 * 2)  # inferred, not 3×32×32
 
 
 @pytest.mark.parametrize("rule", ["fa", "dfa"])
 def test_feedback_is_a_seeded_buffer_that_round_trips(rule, tmp_path):
     def build(seed):
-        return feedalign.build_model("mlp", (1, 8, 8), 4, gradient=rule, num_hidden=8, seed=seed)
+        return feedalign.build_model("mlp", (1, 8, 8), 4, rule=rule, num_hidden=8, seed=seed)
 
     a, b, c = build(1), build(1), build(2)
     assert all(torch.equal(x, y) for x, y in zip(feedalign.feedback(a), feedalign.feedback(b)))
@@ -114,7 +114,7 @@ def test_dfa_cuts_the_graph_at_every_tap():
     """No error may pass through another block's transposed weight: the inputs of
     every layer after the first must not require grad, so autograd cannot form W^T δ."""
     model = feedalign.build_model(
-        "mlp", (1, 8, 8), 4, gradient="dfa", num_layers=3, nonlin="relu", num_hidden=8, seed=0
+        "mlp", (1, 8, 8), 4, rule="dfa", num_layers=3, nonlin="relu", num_hidden=8, seed=0
     )
     seen = []
     for m in model.modules():
@@ -145,7 +145,7 @@ def test_unconvertible_models_get_an_error_that_says_why():
         feedalign.convert(nn.Sequential(nn.Tanh()), "dfa")
     with pytest.raises(ValueError, match=r"1 \(OwnForward: its class overrides Linear"):
         feedalign.convert(nn.Sequential(nn.Linear(4, 4), OwnForward(4, 2)), "fa")
-    with pytest.raises(ValueError, match="bp, fa, dfa"):
+    with pytest.raises(ValueError, match="bp, fa, usf, frsf, brsf, kp, dfa"):
         feedalign.convert(nn.Sequential(nn.Linear(4, 2)), "hebb")
     conv_first = feedalign.convert(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2)), "dfa")
     with pytest.raises(RuntimeError, match="first forward pass"):
@@ -183,9 +183,9 @@ def _train(model, x, y, steps=150):
 
 def test_dfa_learns_from_zero_weights_where_bp_cannot():
     x, y = _blobs()
-    dfa = feedalign.build_model("mlp", (10,), 4, gradient="dfa", num_hidden=32, seed=0)
+    dfa = feedalign.build_model("mlp", (10,), 4, rule="dfa", num_hidden=32, seed=0)
     assert all(p.abs().sum() == 0 for p in dfa.parameters())
-    bp = feedalign.build_model("mlp", (10,), 4, gradient="bp", num_hidden=32, seed=0)
+    bp = feedalign.build_model("mlp", (10,), 4, rule="bp", num_hidden=32, seed=0)
     with torch.no_grad():
         for p in bp.parameters():
             p.zero_()

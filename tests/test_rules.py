@@ -312,7 +312,7 @@ def test_dfa_projects_every_tap_from_one_product():
 @pytest.mark.parametrize("rule", ["fa", "dfa"])
 def test_rules_run_under_bf16_autocast(rule):
     """--amp bf16: the backward products run in the gradient's dtype, parameters keep float32."""
-    model = feedalign.build_model("conv", (3, 16, 16), 4, gradient=rule, nonlin="relu", seed=0).float()
+    model = feedalign.build_model("conv", (3, 16, 16), 4, rule=rule, nonlin="relu", seed=0).float()
     x, t = torch.randn(4, 3, 16, 16, dtype=torch.float32), torch.tensor([0, 1, 2, 3])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)

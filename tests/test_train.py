@@ -74,7 +74,7 @@ def test_defaults_are_the_originals():
         (["-optimization", "lbfgs"], "sgd, rmsprop, adam"),
         (["-criterion", "mse"], "bce, ce"),
         (["-nonlin", "gelu"], "tanh, sigm, relu"),
-        (["-gradient", "hebb"], "bp, fa, dfa"),
+        (["-gradient", "hebb"], "bp, fa, usf, frsf, brsf, kp, dfa, drtp, shallow"),
         (["-LR", "0"], "> 0"),
         (["-LR", "-1"], "> 0"),
         (["-batchSize", "0"], ">= 1"),
@@ -158,7 +158,7 @@ class Recorder:
 
 
 def _small(rule, seed=0):
-    model = feedalign.build_model("mlp", (6,), 3, gradient=rule, num_hidden=5, nonlin="relu", seed=seed)
+    model = feedalign.build_model("mlp", (6,), 3, rule=rule, num_hidden=5, nonlin="relu", seed=seed)
     return model.double()
 
 

@@ -11,7 +11,11 @@ angles in degrees:
                 For dfa this is e·B_i carried back through the block's own
                 nonlinearity / dropout / pooling; for fa the error sent down
                 through the B's of the layers above;
-    "feedback"  fa only: between the layer's fixed feedback matrix B and its W.
+    "feedback"  per-layer rules (fa, usf, frsf, brsf, kp): between the B the layer's
+                backward uses now (`feedback_for`) and its W. For kp and the sign
+                rules this is the quantity to plot over training: kp's B − W shrinks
+                geometrically, so the angle falls towards 0°; the sign rules share
+                W's signs, so it stays well below 90° from the first step.
 
 0° means the rule computes back-prop there; 90° means an unrelated direction.
 Nøkland (2016, Fig. 3) and Lillicrap et al. (2016) watch these angles fall
@@ -19,7 +23,9 @@ below 90° as the forward weights come to align with the feedback.
 
 The call leaves the model as it found it: parameter `.grad`s, BatchNorm running
 statistics, train/eval mode and the global RNG (both passes draw the same
-dropout masks) are restored; nothing is deep-copied.
+dropout masks) are restored, and so is the rules' own state (brsf's draws, via
+`feedback_kept`); nothing is deep-copied. `feedback_angles(model)` gives the
+"feedback" angles alone, without a forward pass.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from feedalign.rules import backprop
+from feedalign.rules.feedback import feedback_for, feedback_kept, feedback_name
 
 WEIGHTED = (nn.Linear, nn.Conv2d)  # FALinear / FAConv2d are subclasses
 CHUNK = 1 << 16  # elements per float64 slice in angle()
@@ -106,7 +113,7 @@ def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
 def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> dict[str, dict[str, float]]:
     """Angles (degrees) between `model`'s rule and back-prop on the batch (x, y).
 
-    Returns {layer name: {"update": °, "error": °[, "feedback": ° (fa)]}} for every
+    Returns {layer name: {"update": °, "error": °[, "feedback": ° (per-layer rules)]}} for every
     Linear / Conv2d layer whose weight receives a gradient. For a bp model every
     angle is 0. An angle is nan where either vector is zero (e.g. back-prop's
     gradient in the hidden layers of a network whose weights are all still zero).
@@ -119,7 +126,7 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> d
     devices = [x.device] if x.device.type == "cuda" else []
     passes: list[tuple[dict[str, Tensor | None], dict[str, list[Tensor]]]] = []
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), feedback_kept(model):
             cpu_rng = torch.get_rng_state()
             cuda_rng = [torch.cuda.get_rng_state(d) for d in devices]
             for use_rule in (True, False):
@@ -150,8 +157,24 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> d
         if rule_e[name] and len(rule_e[name]) == len(bp_e[name]):
             metrics["error"] = angle(torch.cat([g.reshape(-1) for g in rule_e[name]]),
                                      torch.cat([g.reshape(-1) for g in bp_e[name]]))  # fmt: skip
-        fb = getattr(layer, "feedback", None)
-        if isinstance(fb, Tensor) and fb.shape == layer.weight.shape:
-            metrics["feedback"] = angle(fb, layer.weight)
+        feedback_angle = _feedback_angle(layer)
+        if feedback_angle is not None:
+            metrics["feedback"] = feedback_angle
         out[name] = metrics
     return out
+
+
+def _feedback_angle(layer: nn.Module) -> float | None:
+    """Angle (degrees) between the B `layer.weight`'s backward uses now and W; None
+    where no per-layer rule handles the weight."""
+    if not hasattr(layer, feedback_name("weight")):
+        return None
+    with torch.no_grad():  # no side effects: brsf redraws only in a training forward
+        return angle(feedback_for(layer, "weight"), layer.weight)
+
+
+def feedback_angles(model: nn.Module) -> dict[str, float]:
+    """{layer name: angle (degrees) between its current B and W} for every Linear /
+    Conv2d layer trained by a per-layer rule: no forward pass, cheap enough for every
+    step. 0° = back-prop's Wᵀ; 90° = unrelated."""
+    return {name: a for name, m in weighted_layers(model).items() if (a := _feedback_angle(m)) is not None}

@@ -16,7 +16,7 @@ from feedalign.models.conv import conv
 from feedalign.models.convert import TRAINABLE, convert, feedback, rule_of
 from feedalign.models.lenet import lenet
 from feedalign.models.mlp import mlp
-from feedalign.rules import check_rule
+from feedalign.rules import RULES, check_rule
 from feedalign.rules.feedback import fan_in, generator
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "conv": conv, "lenet": lenet}
@@ -61,7 +61,7 @@ def build_model(
     input_shape: tuple[int, ...],
     n_classes: int,
     *,
-    gradient: str = "dfa",
+    rule: str = "dfa",
     nonlin: str = "tanh",
     num_layers: int = 2,
     num_hidden: int = 800,
@@ -75,10 +75,13 @@ def build_model(
     error_at: str = "logits",
 ) -> nn.Module:
     """Build `network` ("mlp" or "conv") for inputs of `input_shape` (C, H, W),
-    learning by `gradient`, initialised as SPEC §1: classic uniform init, then for
-    fa/dfa with tanh/sigm every Linear/Conv2d weight and bias set to zero (fa's
-    feedback is copied from the initial weights before that)."""
-    check_rule(gradient)
+    learning by `rule` (a name in `feedalign.RULES`; the CLI's `-gradient`),
+    initialised as docs/original.md §1: classic uniform init; then, for the rules
+    the original had (fa, dfa; `original_init` in the table) with tanh/sigm, every
+    Linear/Conv2d weight and bias set to zero, fa's feedback being copied from the
+    initial weights before that. The other rules draw their feedback independently
+    and keep the random weights (sign rules send no error through sign(0) = 0)."""
+    spec = RULES[check_rule(rule)]
     limited = dict(n_classes=n_classes, num_layers=num_layers, num_hidden=num_hidden, dropout=dropout,
                    batchnorm=batchnorm, rfb_mag=rfb_mag)  # fmt: skip
     check_limits(limited, MODEL_LIMITS)  # the same limits as the command line's (feedalign/checks.py)
@@ -102,15 +105,15 @@ def build_model(
     fb_seed = None if seed is None else seed + FEEDBACK_SEED_OFFSET
     convert(
         model,
-        gradient,
+        rule,
         rfb_mag=rfb_mag,
         seed=fb_seed,
         input_shape=tuple(input_shape),
         error_at=error_at,
-        feedback_init="weights",  # docs/original.md §1: B = the initial weights
+        feedback_init="weights" if spec.original_init else "random",
     )
-    if gradient in ("fa", "dfa") and nonlin in ("tanh", "sigm"):
-        with torch.no_grad():  # SPEC §1: dfa learns from a zero initial condition
+    if spec.original_init and nonlin in ("tanh", "sigm"):
+        with torch.no_grad():  # docs/original.md §1: dfa learns from a zero initial condition
             for m in model.modules():
                 if isinstance(m, TRAINABLE):
                     m.weight.zero_()

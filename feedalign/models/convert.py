@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from feedalign.models.blocks import BlockSpec, convert_direct
-from feedalign.rules import check_rule, fa_guard
+from feedalign.rules import RULES, check_rule, fa_guard
 from feedalign.rules.dfa import DFAOutput
 from feedalign.rules.fa import (
     FABilinear,
@@ -31,11 +31,10 @@ from feedalign.rules.fa import (
 )
 from feedalign.rules.fa_attention import FAMultiheadAttention
 from feedalign.rules.fa_recurrent import FAGRU, FALSTM, FARNN, FAGRUCell, FALSTMCell, FARNNCell
-from feedalign.rules.feedback import feedback_name, generator, uniform
+from feedalign.rules.feedback import feedback_for, feedback_name, generator, uniform
 
 TRAINABLE = (nn.Linear, nn.Conv2d)  # the layers build_model initialises (docs/original.md §1)
 ERROR_AT = ("logits", "output")
-DIRECT = {"dfa": "error", "drtp": "target", "shallow": "none"}  # rule -> the signal its taps receive
 
 
 def convert(
@@ -50,7 +49,7 @@ def convert(
     output: str | None = None,
     feedback_init: str = "random",
 ) -> nn.Module:
-    """Make `model` learn by `rule` (one of feedalign.RULES); returns the same object.
+    """Make `model` learn by `rule` (a name in `feedalign.RULES`); returns the same object.
 
     rfb_mag: 0 = defaults (fa: see feedback_init; dfa: B_i ~ U[±1/sqrt(n_i)],
         docs/original.md §1); X > 0: every feedback matrix ~ U[-X, X].
@@ -65,41 +64,52 @@ def convert(
     error_at: direct rules only. "logits" (default): e = dL/d(output layer's output).
         "output": e = dL/d(model output), the original's behaviour under `ce`
         (there the gradient w.r.t. log-softmax, -onehot/N; docs/original.md §3 calls it a defect).
-    feedback_init: fa only, with rfb_mag 0. "random" (default): each B is an independent
-        draw from its layer's default initialisation; "weights": a copy of the current
-        weights (the original's choice; build_model uses it).
+    feedback_init: per-layer rules (fa, usf, frsf, brsf, kp), with rfb_mag 0. "random"
+        (default): each B_0 is an independent draw from its layer's default
+        initialisation; "weights": a copy of the current weights (the original's fa;
+        build_model uses it for fa).
     """
-    check_rule(rule)
+    spec = RULES[check_rule(rule)]
     if rfb_mag < 0:
         raise ValueError(f"rfb_mag must be >= 0 (0 = the defaults of docs/original.md §1), got {rfb_mag}")
-    if any(getattr(m, "rule", None) for m in model.modules()):
+    if rule_of(model) != "bp":
         raise ValueError("model is already converted; build a fresh model to change its rule")
-    if rule == "fa":
+    if spec.kind == "per-layer":
         _convert_fa(model, rule, rfb_mag, generator(seed), feedback_init=feedback_init)
-    elif rule in DIRECT:
+    elif spec.kind == "direct":
         _convert_direct(
-            model, DIRECT[rule], rfb_mag, generator(seed),
+            model, spec.signal, rfb_mag, generator(seed),
             blocks=blocks, output=output, input_shape=input_shape, error_at=error_at,
         )  # fmt: skip
+    model.learning_rule = rule  # what rule_of() reports
     return model
 
 
 def feedback(model: nn.Module) -> list[Tensor]:
-    """The feedback matrices: per-layer rules — one per weight under the rule (a parameter
-    `w` of module m with `m.<feedback_name(w)>`), of the weight's shape, in module order;
-    dfa, drtp — B_i of shape (n_outputs, n_i), drawn at the first forward pass (before
-    it this raises); bp, shallow — empty."""
+    """The feedback matrices in forward order: per-layer rules — for each weight a
+    layer handles, the B its backward uses now (the weight's shape; computed from W
+    for usf / frsf / brsf, so writing into those changes nothing); direct rules —
+    B_i of shape (n_outputs, n_i); bp — empty."""
     out: list[Tensor] = []
-    for m in model.modules():
-        out.extend(getattr(m, feedback_name(n)) for n, _ in m.named_parameters(recurse=False)
-                   if hasattr(m, feedback_name(n)))  # fmt: skip
-        if isinstance(m, DFAOutput):
-            out.extend(m.split())
+    with torch.no_grad():  # no side effects: brsf redraws only in a training forward
+        for m in model.modules():
+            if isinstance(m, DFAOutput):
+                out.extend(m.split())
+            for name, _ in m.named_parameters(recurse=False):
+                if hasattr(m, feedback_name(name)):
+                    out.append(feedback_for(m, name).detach())
     return out
 
 
 def rule_of(model: nn.Module) -> str:
+    """The name of the rule `model` learns by (a key of RULES): the one `convert`
+    recorded; for a part of a converted model, the rule of the layers inside it;
+    "bp" for a model that was never converted."""
     for m in model.modules():
+        if hasattr(m, "learning_rule"):
+            return m.learning_rule
+        if hasattr(m, "feedback_rule"):
+            return m.feedback_rule
         if getattr(m, "rule", None):
             return m.rule
     return "bp"

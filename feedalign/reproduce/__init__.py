@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("suite", choices=SUITES, help="which table: " + ", ".join(SUITES))
     p.add_argument("--rows", nargs="+", metavar="ROW",
                    help="row names or prefixes (2x800 = every 2x800 row); default: all rows")  # fmt: skip
-    p.add_argument("--rules", nargs="+", choices=RULES, metavar="RULE",
+    p.add_argument("--rules", nargs="+", choices=tuple(RULES), metavar="RULE",
                    help=f"any of {', '.join(RULES)}; default: the rules each row reports")  # fmt: skip
     p.add_argument("--seeds", type=int,
                    help=f"runs per row and rule, seeds 1..N (default: the row file's, else {DEFAULT_SEEDS}; "

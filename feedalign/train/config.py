@@ -103,7 +103,7 @@ class Options:
         "feedback magnitude X: 0 = docs/original.md §1 (fa: copy of the initial W; dfa: "
         "U[±1/sqrt(n_i)], n_i = tap size), X > 0: U[-X, X]",
     )
-    gradient: str = option("dfa", "learning rule: bp | fa | dfa")
+    gradient: str = option("dfa", f"learning rule: {' | '.join(rules.RULES)} (docs/rules.md)")
     # --- optimisation (docs/original.md §4) ---
     eps: float = option(0.0, "adversarial (fast gradient sign) step, in preprocessed input units; 0 off")
     accGradient: int = option(0, "1 = add the clean gradient to the adversarial one (if eps > 0)")

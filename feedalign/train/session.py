@@ -88,7 +88,7 @@ def load_data(opts: Options, device: torch.device) -> Data:
 
 def make_model(opts: Options, data: Data, device: torch.device) -> nn.Module:
     model = build_model(
-        opts.network, data.input_shape, len(data.classes), gradient=opts.gradient, nonlin=opts.nonlin,
+        opts.network, data.input_shape, len(data.classes), rule=opts.gradient, nonlin=opts.nonlin,
         num_layers=opts.num_layers, num_hidden=opts.num_hidden, dropout=opts.dropout,
         batchnorm=opts.batchnorm, bias=bool(opts.bias), rfb_mag=opts.rfb_mag, criterion=opts.criterion,
         seed=opts.seed, models_folder=opts.modelsFolder, error_at=opts.error_at,
