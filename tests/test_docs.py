@@ -55,7 +55,6 @@ def test_nothing_points_outside_the_repository(needle):
     assert not found, f"{needle!r} names a document outside the repository: {found}"
 
 
-@pytest.mark.xfail(strict=False, reason="references rewritten at merge")
 def test_no_spec_references():
     found = sorted(rel for rel, _ in hits("SPEC §"))
     assert not found, f"'SPEC §n' points outside the repository; write 'docs/original.md §n': {found}"

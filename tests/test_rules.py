@@ -1,6 +1,6 @@
 """The learning rules against hand-written formulas (float64, small shapes).
 
-Notation as SPEC §1: e = dL/dy at the logits; for bce e = sigmoid(y) - onehot
+Notation as docs/original.md §1: e = dL/dy at the logits; for bce e = sigmoid(y) - onehot
 (summed over the batch). f' is the nonlinearity's derivative at the
 pre-activation. fa: δ_below = (δ B) ⊙ f'. dfa: δ_i = (e B_i) ⊙ f'(a_i).
 """

@@ -1,4 +1,4 @@
-"""Network registry and `build_model`: the paper's networks with SPEC §1's initialisation."""
+"""Network registry and `build_model`: the paper's networks with docs/original.md §1's initialisation."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ __all__ = ["NETWORKS", "NONLINS", "build_model", "convert", "feedback", "rule_of
 
 def find_network(network: str, models_folder: str | Path | None = None) -> Callable[..., nn.Module]:
     """`mlp`, `conv` (also `mlp.lua`, `conv.lua`), or `<models_folder>/<network>.py`
-    defining `build(input_shape, n_classes, **options) -> nn.Module` (SPEC §6)."""
+    defining `build(input_shape, n_classes, **options) -> nn.Module` (docs/original.md §6)."""
     name = network.removesuffix(".lua").removesuffix(".py")
     if name in NETWORKS:
         return NETWORKS[name]
@@ -46,7 +46,7 @@ def find_network(network: str, models_folder: str | Path | None = None) -> Calla
 
 
 def init_classic(model: nn.Module, gen: torch.Generator | None) -> None:
-    """SPEC §1: weight and bias ~ U[±1/sqrt(fan_in)] for every Linear/Conv2d."""
+    """docs/original.md §1: weight and bias ~ U[±1/sqrt(fan_in)] for every Linear/Conv2d."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, TRAINABLE):
