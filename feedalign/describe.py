@@ -18,19 +18,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from feedalign.models.convert import rule_of
 from feedalign.rules.dfa import Output, Tap
 from feedalign.rules.feedback import feedback_name
 
 LOCAL = "learns from the error that reaches it"
-
-
-def _rule(model: nn.Module) -> str:
-    for m in model.modules():
-        if getattr(m, "rule", None):
-            return m.rule
-        if getattr(m, "feedback_rule", None):
-            return m.feedback_rule
-    return "bp"
 
 
 def _owner(name: str, sites: list[str]) -> str | None:
@@ -41,7 +33,7 @@ def _owner(name: str, sites: list[str]) -> str | None:
 
 def classify(model: nn.Module) -> dict[str, str]:
     """Parameter name -> its group (see the module docstring), in named_parameters order."""
-    rule = _rule(model)
+    rule = rule_of(model)
     taps = [m for m in model.modules() if isinstance(m, Tap) and m.rule]
     outputs = [m for m in model.modules() if isinstance(m, Output) and m.rule]
     out_site = outputs[0].site if outputs else (taps[-1].site if rule == "shallow" and taps else "")
@@ -74,7 +66,7 @@ def describe(model: nn.Module) -> str:
     """A summary of `model`'s conversion: its rule, the direct rules' taps (the blocks
     whose input each cuts, and n_i once sized) and output layer, and which rule trains
     each parameter (parameters grouped by the module holding them)."""
-    rule = _rule(model)
+    rule = rule_of(model)
     lines = [f"{type(model).__name__} learning by {rule}"]
     taps = [m for m in model.modules() if isinstance(m, Tap) and m.rule]
     outputs = [m for m in model.modules() if isinstance(m, Output) and m.rule]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from feedalign import dist
+from feedalign.describe import describe
 from feedalign.losses import make_criterion
 from feedalign.models import build_model, feedback
 from feedalign.train import checkpoint as ckpt
@@ -241,6 +242,7 @@ class Run:
         log.info(f"{opts.dataset}: {len(data.train_x)} training / {len(data.test_x)} test samples "
                  f"{data.input_shape}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
                  f"process(es) on {rt.device}; run directory {run_dir}")  # fmt: skip
+        log.info(describe(model))  # which rule trains which parameter
         return cls(opts, rt, run_dir, model, optimizer, schedule, step, _loader(opts, data, rt), test,
                    first_epoch, state)  # fmt: skip
 
