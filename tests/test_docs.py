@@ -120,6 +120,22 @@ def test_readme_opens_with_the_two_setup_commands():
     assert first_block is not None and first_block.group(1) == SETUP
 
 
+def readme_programs() -> list[str]:
+    """The README's self-contained Python examples (those that import what they use)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    return [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if b.startswith("import ")]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_the_readme_programs_run_as_written(index, capsys):
+    import torch
+
+    programs = readme_programs()
+    assert len(programs) == 4, "the README's examples changed: update the range above"
+    torch.manual_seed(0)
+    exec(compile(programs[index], f"README.md example {index}", "exec"), {"__name__": "__readme__"})
+
+
 def test_option_table_names_every_option():
     from feedalign.train.config import Options
 
