@@ -196,3 +196,18 @@ def test_dfa_learns_from_zero_weights_where_bp_cannot():
     assert all(p.abs().sum() == 0 for n, p in bp.named_parameters() if "weight" in n)
     assert bp_acc < 0.45 and dfa_acc > 0.95
     assert dfa_loss < 0.5 * bp_loss
+
+
+def test_build_model_feedback_init_chooses_fa_feedback_independent_of_the_weights():
+    """"original": fa's B copies the initial weights (docs/original.md §1; relu keeps W, so
+    B == W); "random": B is drawn independently (BioTorch's fa), with the init's bound."""
+    kw = dict(rule="fa", nonlin="relu", num_layers=1, num_hidden=32, seed=3)
+    same = feedalign.build_model("mlp", (1, 8, 8), 10, **kw)
+    drawn = feedalign.build_model("mlp", (1, 8, 8), 10, feedback_init="random", **kw)
+    for model, equal in ((same, True), (drawn, False)):
+        layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        for layer, b in zip(layers, feedalign.feedback(model)):
+            assert torch.equal(b, layer.weight) is equal
+            assert b.abs().max() <= 1 / layer.in_features**0.5
+    with pytest.raises(ValueError, match="original, random, weights"):
+        feedalign.build_model("mlp", (1, 8, 8), 10, feedback_init="copy", **kw)

@@ -56,6 +56,9 @@ def init_classic(model: nn.Module, gen: torch.Generator | None) -> None:
                     m.bias.uniform_(-bound, bound, generator=gen)
 
 
+FEEDBACK_INITS = ("original", "random", "weights")  # build_model's; convert takes the last two
+
+
 def build_model(
     network: str,
     input_shape: tuple[int, ...],
@@ -73,6 +76,7 @@ def build_model(
     seed: int | None = None,
     models_folder: str | Path | None = None,
     error_at: str = "logits",
+    feedback_init: str = "original",
 ) -> nn.Module:
     """Build `network` ("mlp" or "conv") for inputs of `input_shape` (C, H, W),
     learning by `rule` (a name in `feedalign.RULES`; the CLI's `-gradient`),
@@ -80,8 +84,13 @@ def build_model(
     the original had (fa, dfa; `original_init` in the table) with tanh/sigm, every
     Linear/Conv2d weight and bias set to zero, fa's feedback being copied from the
     initial weights before that. The other rules draw their feedback independently
-    and keep the random weights (sign rules send no error through sign(0) = 0)."""
+    and keep the random weights (sign rules send no error through sign(0) = 0).
+    feedback_init: "original" (as just said), or "random" / "weights" for every
+    per-layer rule (e.g. "random": fa with a B drawn independently of W, as BioTorch)."""
     spec = RULES[check_rule(rule)]
+    if feedback_init not in FEEDBACK_INITS:
+        allowed = ", ".join(FEEDBACK_INITS)
+        raise ValueError(f"unknown feedback_init {feedback_init!r}; choose one of {allowed}")
     limited = dict(n_classes=n_classes, num_layers=num_layers, num_hidden=num_hidden, dropout=dropout,
                    batchnorm=batchnorm, rfb_mag=rfb_mag)  # fmt: skip
     check_limits(limited, MODEL_LIMITS)  # the same limits as the command line's (feedalign/checks.py)
@@ -110,7 +119,8 @@ def build_model(
         seed=fb_seed,
         input_shape=tuple(input_shape),
         error_at=error_at,
-        feedback_init="weights" if spec.original_init else "random",
+        feedback_init=("weights" if spec.original_init else "random")
+        if feedback_init == "original" else feedback_init,
     )
     if spec.original_init and nonlin in ("tanh", "sigm"):
         with torch.no_grad():  # docs/original.md §1: dfa learns from a zero initial condition

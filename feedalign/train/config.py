@@ -23,7 +23,7 @@ from feedalign.checks import MODEL_LIMITS, Limit, check_limits, finite_above, fi
 from feedalign.checks import one_of as one_of_ints
 from feedalign.data import DATASETS
 from feedalign.losses import CRITERIA
-from feedalign.models import NONLINS
+from feedalign.models import FEEDBACK_INITS, NONLINS
 from feedalign.models.convert import ERROR_AT
 from feedalign.preprocess import FORMATS, NORMALIZATIONS
 from feedalign.train.optim import MAX_NORM_OFF, OPTIMIZERS
@@ -48,6 +48,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "criterion": tuple(CRITERIA), "nonlin": tuple(NONLINS), "gradient": tuple(rules.RULES),
         "optimization": tuple(OPTIMIZERS), "normalization": tuple(NORMALIZATIONS),
         "format": tuple(FORMATS), "type": TYPES, "amp": AMP, "error_at": tuple(ERROR_AT),
+        "feedback_init": FEEDBACK_INITS,
     }  # fmt: skip
 
 
@@ -145,6 +146,10 @@ class Options:
     tensorboard: bool = option(False, "also write TensorBoard event files (needs tensorboard)")
     alignment: int = option(0, "every N steps log alignment angles with back-prop (0 = off)")
     error_at: str = option("logits", "dfa error: logits (dL/dy) | output (the original's under ce)")
+    feedback_init: str = option(
+        "original", "per-layer rules' B_0: original (fa: a copy of the initial W; others: random) | "
+        "random (drawn like the layer's default init) | weights (a copy of the initial W)"
+    )
     svhn_extra: bool = option(True, "SVHN: train on train + extra (as the original)")
     amp: str = option("none", "autocast on cuda: none | bf16")
     compile_optimizer: bool = option(
