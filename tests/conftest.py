@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(
     os.environ.get("FEEDALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -18,3 +19,12 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "MNIST").is_dir():
         pytest.skip(f"real datasets not found at {SHARED_DATA} (set FEEDALIGN_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def float64():
+    """Every tensor of the test is float64 (formula checks); the default is restored after."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

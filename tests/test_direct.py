@@ -19,12 +19,7 @@ import feedalign
 from feedalign.describe import LOCAL, classify
 from feedalign.rules.dfa import Tap
 
-
-@pytest.fixture(autouse=True)
-def _float64():  # this module's tests run in float64
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor here is float64 (conftest.py)
 
 
 # --- models written here (shaped like torchvision's ResNet, timm's ViT, torch's encoder) ---

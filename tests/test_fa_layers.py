@@ -24,13 +24,7 @@ from torch import nn
 import feedalign
 from feedalign.rules.fa import FABilinearFunction, FAConvFunction, FALinearFunction
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor here is float64 (conftest.py)
 
 
 def ref_linear(x, W, b, B):

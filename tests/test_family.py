@@ -26,12 +26,7 @@ from feedalign.rules.feedback import add_feedback, feedback_for
 SIGN_RULES = ("usf", "frsf", "brsf")
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor here is float64 (conftest.py)
 
 
 def linear() -> nn.Sequential:

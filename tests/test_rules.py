@@ -16,14 +16,7 @@ import feedalign
 from feedalign.rules.dfa import DFAFunction
 from feedalign.rules.fa import FAConv2dFunction, FALinearFunction
 
-
-@pytest.fixture(autouse=True)
-def float64():
-    """Every tensor here is float64; the default is restored for the other test files."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")  # every tensor here is float64 (conftest.py)
 
 
 DERIV = {  # f'(a) written from the output h = f(a), as the formulas use it

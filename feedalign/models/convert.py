@@ -76,8 +76,10 @@ def convert(
         raise ValueError("model is already converted; build a fresh model to change its rule")
     if spec.kind == "per-layer":
         _convert_fa(model, rule, rfb_mag, generator(seed), feedback_init=feedback_init)
-    elif spec.kind == "direct":
-        _convert_direct(
+    elif spec.kind == "direct":  # where the taps go: feedalign/models/blocks.py
+        if error_at not in ERROR_AT:
+            raise ValueError(f"error_at must be one of {ERROR_AT}, got {error_at!r}")
+        convert_direct(
             model, spec.signal, rfb_mag, generator(seed),
             blocks=blocks, output=output, input_shape=input_shape, error_at=error_at,
         )  # fmt: skip
@@ -209,25 +211,3 @@ def _convert_fa(model: nn.Module, rule: str, rfb_mag: float, gen: torch.Generato
         _fa_twin(layer)
         layer.fa_setup(rule, initial)
     fa_guard.install(model)
-
-
-# --- the direct rules: dfa, drtp, shallow (feedalign/models/blocks.py) --------------
-
-
-def _convert_direct(
-    model: nn.Module,
-    signal: str,
-    rfb_mag: float,
-    gen: torch.Generator | None,
-    *,
-    blocks: BlockSpec = None,
-    output: str | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    error_at: str = "logits",
-) -> None:
-    """signal: "error" (dfa), "target" (drtp) or "none" (shallow); see blocks.convert_direct."""
-    if error_at not in ERROR_AT:
-        raise ValueError(f"error_at must be one of {ERROR_AT}, got {error_at!r}")
-    convert_direct(
-        model, signal, rfb_mag, gen, blocks=blocks, output=output, input_shape=input_shape, error_at=error_at
-    )
