@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_dataset": ("feedalign.data", "load_dataset"),
     "alignment": ("feedalign.metrics.alignment", "alignment"),
+    "feedback_angles": ("feedalign.metrics.alignment", "feedback_angles"),
     "Options": ("feedalign.train.config", "Options"),
     "run_training": ("feedalign.train.session", "train"),
     "evaluate_run": ("feedalign.train.session", "evaluate_run"),

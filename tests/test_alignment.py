@@ -136,3 +136,29 @@ def test_the_readme_examples_run():
     exec(diag, ns)
     angles = ns["angles"]
     assert angles and all(0 <= a <= 180 for layer in angles.values() for a in layer.values())
+
+
+def test_every_weight_of_attention_and_recurrent_layers_is_reported():
+    """fa on an encoder layer + LSTM: attention's packed in_proj_weight, out_proj and the
+    LSTM's input and recurrent weights each get an update angle, and a feedback angle that
+    is the angle between their B and W (here B = W, so both are 0°: fa with B = W is bp)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.lstm = nn.LSTM(8, 6, batch_first=True)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, x):  # (N, T, 8)
+            return self.head(self.lstm(self.enc(x))[0].mean(1))
+
+    torch.manual_seed(0)
+    model = convert(Net().double(), "fa", feedback_init="weights")
+    x, y = torch.randn(4, 5, 8, dtype=torch.float64), torch.arange(4) % 3
+    angles = alignment(model, x, y, nn.CrossEntropyLoss())
+    for key in ("enc.self_attn.in_proj_weight", "enc.self_attn.out_proj", "enc.linear1",
+                "lstm.weight_ih_l0", "lstm.weight_hh_l0", "head"):  # fmt: skip
+        assert angles[key]["update"] == pytest.approx(0.0, abs=1e-4), key  # fa with B = W is bp
+        assert angles[key]["feedback"] == pytest.approx(0.0, abs=1e-5), key
+    assert "error" in angles["head"] and "error" not in angles["lstm.weight_hh_l0"]  # LSTM returns a tuple

@@ -2,11 +2,14 @@
 
 `alignment(model, x, y, criterion)` runs the batch twice on the same model —
 once with its rule (fa or dfa), once inside `feedalign.backprop(model)` — and
-returns, per Linear / Conv2d layer (named as in `model.named_modules()`),
-angles in degrees:
+returns, per weight (every parameter of two or more dimensions: the weight of a
+Linear / Conv* / ConvTranspose* layer, named as its module in
+`model.named_modules()`; other weights as "<module>.<parameter>", e.g.
+"encoder.layers.0.self_attn.in_proj_weight", "lstm.weight_hh_l0"), angles in degrees:
 
     "update"    between the rule's weight gradient dL/dW and back-prop's;
-    "error"     between the error each rule delivers at the layer's output
+    "error"     (layers whose output is one tensor) between the error each rule
+                delivers at the layer's output
                 (dL/d(pre-activation), flattened over the batch) and back-prop's.
                 For dfa this is e·B_i carried back through the block's own
                 nonlinearity / dropout / pooling; for fa the error sent down
@@ -40,7 +43,6 @@ from torch import Tensor, nn
 from feedalign.rules import backprop
 from feedalign.rules.feedback import feedback_for, feedback_kept, feedback_name
 
-WEIGHTED = (nn.Linear, nn.Conv2d)  # FALinear / FAConv2d are subclasses
 CHUNK = 1 << 16  # elements per float64 slice in angle()
 
 
@@ -65,9 +67,16 @@ def angle(a: Tensor, b: Tensor) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, ab / math.sqrt(aa * bb)))))
 
 
-def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> module for every Linear / Conv2d, in `named_modules()` order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHTED)}
+def weights(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
+    """key -> (module name, module, parameter name) for every trainable parameter of two
+    or more dimensions, in `named_modules()` order; the key is the module's name for a
+    parameter called "weight", else "<module>.<parameter>"."""
+    out = {}
+    for name, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() >= 2 and p.requires_grad:
+                out[name if pname == "weight" else f"{name}.{pname}".lstrip(".")] = (name, m, pname)
+    return out
 
 
 @contextmanager
@@ -113,13 +122,14 @@ def _restore(saved: list[tuple[Tensor, Tensor]]) -> None:
 def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> dict[str, dict[str, float]]:
     """Angles (degrees) between `model`'s rule and back-prop on the batch (x, y).
 
-    Returns {layer name: {"update": °, "error": °[, "feedback": ° (per-layer rules)]}} for every
-    Linear / Conv2d layer whose weight receives a gradient. For a bp model every
+    Returns {weight key: {"update": °[, "error": °][, "feedback": ° (per-layer rules)]}} for
+    every weight (see `weights`) that receives a gradient. For a bp model every
     angle is 0. An angle is nan where either vector is zero (e.g. back-prop's
     gradient in the hidden layers of a network whose weights are all still zero).
     Cost: two forward and two backward passes (about two training steps).
     """
-    layers = {n: m for n, m in weighted_layers(model).items() if m.weight.requires_grad}
+    found = weights(model)
+    layers = {name: m for name, m, _ in found.values()}  # the modules whose output errors we watch
     params = list(model.parameters())
     grads_before = [p.grad for p in params]
     stats = _running_stats(model)
@@ -141,7 +151,7 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> d
                     else:
                         with backprop(model):
                             criterion(model(x), y).backward()
-                passes.append(({n: m.weight.grad for n, m in layers.items()}, errors))
+                passes.append(({k: getattr(m, p).grad for k, (_, m, p) in found.items()}, errors))
                 _restore(stats)
     finally:
         for p, g in zip(params, grads_before):
@@ -150,31 +160,32 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> d
 
     (rule_w, rule_e), (bp_w, bp_e) = passes
     out: dict[str, dict[str, float]] = {}
-    for name, layer in layers.items():
-        if rule_w[name] is None or bp_w[name] is None:
+    for key, (name, layer, pname) in found.items():
+        if rule_w[key] is None or bp_w[key] is None:
             continue  # not reached by this loss (e.g. an unused branch)
-        metrics = {"update": angle(rule_w[name], bp_w[name])}
+        metrics = {"update": angle(rule_w[key], bp_w[key])}
         if rule_e[name] and len(rule_e[name]) == len(bp_e[name]):
             metrics["error"] = angle(torch.cat([g.reshape(-1) for g in rule_e[name]]),
                                      torch.cat([g.reshape(-1) for g in bp_e[name]]))  # fmt: skip
-        feedback_angle = _feedback_angle(layer)
+        feedback_angle = _feedback_angle(layer, pname)
         if feedback_angle is not None:
             metrics["feedback"] = feedback_angle
-        out[name] = metrics
+        out[key] = metrics
     return out
 
 
-def _feedback_angle(layer: nn.Module) -> float | None:
-    """Angle (degrees) between the B `layer.weight`'s backward uses now and W; None
+def _feedback_angle(layer: nn.Module, weight: str = "weight") -> float | None:
+    """Angle (degrees) between the B `layer.<weight>`'s backward uses now and W; None
     where no per-layer rule handles the weight."""
-    if not hasattr(layer, feedback_name("weight")):
+    if not hasattr(layer, feedback_name(weight)):
         return None
     with torch.no_grad():  # no side effects: brsf redraws only in a training forward
-        return angle(feedback_for(layer, "weight"), layer.weight)
+        return angle(feedback_for(layer, weight), getattr(layer, weight))
 
 
 def feedback_angles(model: nn.Module) -> dict[str, float]:
-    """{layer name: angle (degrees) between its current B and W} for every Linear /
-    Conv2d layer trained by a per-layer rule: no forward pass, cheap enough for every
-    step. 0° = back-prop's Wᵀ; 90° = unrelated."""
-    return {name: a for name, m in weighted_layers(model).items() if (a := _feedback_angle(m)) is not None}
+    """{weight key: angle (degrees) between its current B and W} for every weight trained
+    by a per-layer rule: no forward pass, cheap enough for every step. 0° = back-prop's
+    Wᵀ; 90° = unrelated."""
+    found = weights(model).items()
+    return {key: a for key, (_, m, p) in found if (a := _feedback_angle(m, p)) is not None}
