@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import feedalign
 from feedalign.models import build_model
 from feedalign.models.lenet import lenet, lenet_size
 from feedalign.preprocess import prepare, resize_images
@@ -124,3 +125,22 @@ def test_a_training_run_applies_the_step_schedule_and_resize(tmp_path):
 
     first = checkpoint.load(run / "checkpoint.pt")["model"]
     assert next(v for k, v in first.items() if k.endswith("weight")).shape[1] == 12 * 12
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "usf", "dfa"])
+def test_resnet20_has_the_papers_size_and_every_rule_trains_it(rule):
+    """He et al.'s CIFAR ResNet-20 with option-A shortcuts: 0.27M parameters; every rule
+    gives every parameter a gradient; dfa taps the input of the 9 BasicBlocks and of fc."""
+    model = build_model("resnet20", (3, 32, 32), 10, rule=rule, nonlin="relu", criterion="ce", seed=1)
+    weights = [p for n, p in model.named_parameters() if "feedback" not in n]
+    stem = 3 * 16 * 9 + 2 * 16  # conv 3×3 (no bias) + BatchNorm's γ, β
+    stage1 = 3 * (2 * 16 * 16 * 9 + 4 * 16)
+    stage2 = (16 * 32 * 9 + 32 * 32 * 9 + 4 * 32) + 2 * (2 * 32 * 32 * 9 + 4 * 32)
+    stage3 = (32 * 64 * 9 + 64 * 64 * 9 + 4 * 64) + 2 * (2 * 64 * 64 * 9 + 4 * 64)
+    assert sum(p.numel() for p in weights) == stem + stage1 + stage2 + stage3 + 64 * 10 + 10 == 269_722
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    torch.nn.functional.nll_loss(model(x), y).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+    if rule == "dfa":
+        assert [tuple(b.shape) for b in feedalign.feedback(model)][:1] == [(10, 16 * 32 * 32)]
+        assert len(feedalign.feedback(model)) == 10  # the input of each of the 9 blocks and of fc

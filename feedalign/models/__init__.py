@@ -16,10 +16,13 @@ from feedalign.models.conv import conv
 from feedalign.models.convert import TRAINABLE, convert, feedback, rule_of
 from feedalign.models.lenet import lenet
 from feedalign.models.mlp import mlp
+from feedalign.models.resnet import resnet20
 from feedalign.rules import RULES, check_rule
 from feedalign.rules.feedback import fan_in, generator
 
-NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "conv": conv, "lenet": lenet}
+NETWORKS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": mlp, "conv": conv, "lenet": lenet, "resnet20": resnet20,
+}  # fmt: skip
 NONLINS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "sigm": nn.Sigmoid, "relu": nn.ReLU}
 FEEDBACK_SEED_OFFSET = 1_000_003  # feedback draws must not replay the weight stream
 

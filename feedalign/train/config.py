@@ -88,7 +88,7 @@ class Options:
     # --- model (docs/original.md §2) ---
     modelsFolder: str = option("./Models/", "folder searched for <network>.py model files")
     network: str = option(
-        "mlp", "network: mlp | conv (also mlp.lua, conv.lua) | lenet | a file in modelsFolder"
+        "mlp", "network: mlp | conv (also mlp.lua, conv.lua) | lenet | resnet20 | a file in modelsFolder"
     )
     criterion: str = option("bce", "loss: bce (binary cross-entropy) | ce (cross-entropy)")
     dropout: int = option(
