@@ -22,7 +22,9 @@ SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "Pre
              "build", "dist", ".venv", "venv"}  # fmt: skip
 
 # Documents that exist only outside the repository; citing them points nowhere.
-OUTSIDE = ("STYLE §", "ORIGINAL_README", "../shared/")
+# Names of documents outside the repository, spelled in pieces so this file does not match itself
+SECTION = " §"
+OUTSIDE = ("STYLE" + SECTION, "ORIGINAL" + "_README", "../" + "shared/")
 
 
 @functools.cache
@@ -56,8 +58,8 @@ def test_nothing_points_outside_the_repository(needle):
 
 
 def test_no_spec_references():
-    found = sorted(rel for rel, _ in hits("SPEC §"))
-    assert not found, f"'SPEC §n' points outside the repository; write 'docs/original.md §n': {found}"
+    found = sorted(rel for rel, _ in hits("SPEC" + SECTION))
+    assert not found, f"'SPEC{SECTION}n' points outside the repository; write 'docs/original.md §n': {found}"
 
 
 # --- links ------------------------------------------------------------------------
