@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from feedalign.rules.feedback import add_feedback, feedback_for
+from feedalign.rules.feedback import add_feedback, feedback_for, init_bound
 
 # (owning module, weight name, bound of the weight's default init U(±bound))
 Slot = tuple[nn.Module, str, float]
@@ -153,7 +153,7 @@ class FALayer:
 
     def fa_slots(self) -> list[Slot]:
         """(owner, weight name, default-init bound) of every weight this layer trains by fa."""
-        return [(self, "weight", 1.0 / math.sqrt(self.weight[0].numel()))]  # kaiming_uniform(a=√5)
+        return [(self, "weight", init_bound(self.weight))]  # kaiming_uniform(a=√5): U(±1/√fan_in)
 
     def fa_setup(self, rule: str, initial: Callable[[Tensor, float], Tensor]) -> None:
         """Give every weight its starting feedback initial(weight, default bound)."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from feedalign.rules.fa import FALayer, Slot, fa_linear
-from feedalign.rules.feedback import feedback_for
+from feedalign.rules.feedback import feedback_for, init_bound
 
 
 def _xavier_bound(weight: Tensor) -> float:
@@ -48,7 +48,7 @@ class FAMultiheadAttention(FALayer, nn.MultiheadAttention):
         names = ["in_proj_weight"] if self._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight",
                                                                       "v_proj_weight"]  # fmt: skip
         slots: list[Slot] = [(self, n, _xavier_bound(getattr(self, n))) for n in names]
-        return slots + [(self.out_proj, "weight", 1.0 / math.sqrt(self.embed_dim))]  # Linear's default
+        return slots + [(self.out_proj, "weight", init_bound(self.out_proj.weight))]  # Linear's default
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v (sequence-first) through the fa input projections."""
