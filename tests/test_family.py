@@ -188,6 +188,25 @@ def test_brsf_draws_new_magnitudes_every_training_step(kind):
     assert torch.equal(current(layer).abs(), previous)  # no draw in eval or under no_grad
 
 
+def test_sign_rules_take_the_recurrent_layers_own_init_bound():
+    """nn.LSTM draws every weight from U(±1/√hidden), whatever its fan-in: usf's scale
+    and brsf's draws use that bound, not 1/√fan_in (here fan-in 16 ≠ hidden 4)."""
+    torch.manual_seed(0)
+    hidden, n_in = 4, 16
+    bound = 1 / math.sqrt(hidden)
+    usf = feedalign.convert(nn.LSTM(n_in, hidden), "usf", seed=1)
+    B = feedback_for(usf, "weight_ih_l0")
+    torch.testing.assert_close(B, torch.sign(usf.weight_ih_l0.detach()) * bound / math.sqrt(3))
+    brsf = feedalign.convert(nn.LSTM(n_in, hidden), "brsf", seed=1)
+    magnitudes = []
+    for _ in range(20):
+        brsf(torch.randn(3, 2, n_in))[0].sum().backward()
+        magnitudes.append(feedback_for(brsf.eval(), "weight_ih_l0").abs())
+        brsf.train()
+    m = torch.stack(magnitudes)
+    assert m.max() <= bound and m.max() > 1 / math.sqrt(n_in)  # U(0, 1/2), not U(0, 1/4)
+
+
 def test_brsf_draws_are_the_same_on_every_rank_and_continue_after_a_resume():
     def run(model, steps):
         x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))

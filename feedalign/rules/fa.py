@@ -158,7 +158,7 @@ class FALayer:
     def fa_setup(self, rule: str, initial: Callable[[Tensor, float], Tensor]) -> None:
         """Give every weight its starting feedback initial(weight, default bound)."""
         for owner, name, bound in self.fa_slots():
-            add_feedback(owner, name, initial(getattr(owner, name).detach(), bound), rule)
+            add_feedback(owner, name, initial(getattr(owner, name).detach(), bound), rule, bound)
         self.rule = rule
         self.rule_active = True
 

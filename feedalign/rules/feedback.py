@@ -95,8 +95,9 @@ class PerLayerRule(Rule):
     def __init__(self, name: str, summary: str, *, original_init: bool = False) -> None:
         super().__init__(name, "per-layer", summary, original_init=original_init)
 
-    def attach(self, layer: nn.Module, weight: str, initial: Tensor) -> None:
-        """Register the rule's state for `layer.<weight>`, starting from `initial`."""
+    def attach(self, layer: nn.Module, weight: str, initial: Tensor, bound: float) -> None:
+        """Register the rule's state for `layer.<weight>`, starting from `initial`;
+        `bound`: b of the weight's default initialisation U(±b) (the layer kind's own)."""
         layer.register_buffer(feedback_name(weight), initial.detach().clone())
 
     def feedback(self, layer: nn.Module, weight: str) -> Tensor:
@@ -110,11 +111,12 @@ class FixedFeedback(PerLayerRule):
 
 class UniformSign(PerLayerRule):
     """usf (Liao, Leibo & Poggio 2016; Moskovitz et al. 2018): dx = δ B, B = s · sign(W)
-    of the current W, every step; s = 1/√(3·fan_in), the std of the default
-    initialisation U(±1/√fan_in). Only s is stored (a 0-dim buffer)."""
+    of the current W, every step; s = b/√3, the std of the weight's default
+    initialisation U(±b) (b = 1/√fan_in for Linear and Conv, 1/√hidden for recurrent
+    layers). Only s is stored (a 0-dim buffer)."""
 
-    def attach(self, layer: nn.Module, weight: str, initial: Tensor) -> None:
-        scale = init_bound(initial) / math.sqrt(3.0)
+    def attach(self, layer: nn.Module, weight: str, initial: Tensor, bound: float) -> None:
+        scale = bound / math.sqrt(3.0)
         layer.register_buffer(feedback_name(weight), torch.tensor(scale, dtype=initial.dtype,
                                                                   device=initial.device))  # fmt: skip
 
@@ -127,7 +129,7 @@ class FixedRandomSign(PerLayerRule):
     """frsf (Moskovitz et al. 2018): dx = δ B, B = |M| ∘ sign(W) of the current W;
     M = B_0 drawn once (the default initialisation's distribution), |M| stored."""
 
-    def attach(self, layer: nn.Module, weight: str, initial: Tensor) -> None:
+    def attach(self, layer: nn.Module, weight: str, initial: Tensor, bound: float) -> None:
         layer.register_buffer(feedback_name(weight), initial.detach().abs())
 
     def feedback(self, layer: nn.Module, weight: str) -> Tensor:
@@ -136,8 +138,10 @@ class FixedRandomSign(PerLayerRule):
 
 
 class BatchRandomSign(FixedRandomSign):
-    """brsf (Moskovitz et al. 2018): dx = δ B, B = |M_t| ∘ sign(W) with M_t ~ U(±1/√fan_in)
-    drawn anew at every training forward (training mode, gradients on).
+    """brsf (Moskovitz et al. 2018): dx = δ B, B = |M_t| ∘ sign(W) with M_t ~ U(±b)
+    drawn anew at every training forward (training mode, gradients on); b is the
+    bound of the weight's default initialisation (1/√fan_in for Linear and Conv,
+    1/√hidden for recurrent layers), kept host-side at attach.
 
     Draw t comes from a generator seeded with hash(seed, t): `seed` is derived from
     B_0 (itself drawn from the conversion seed) and t counts the draws; both are
@@ -146,9 +150,10 @@ class BatchRandomSign(FixedRandomSign):
     feedback buffer; outside training forwards B uses the latest draw.
     """
 
-    def attach(self, layer: nn.Module, weight: str, initial: Tensor) -> None:
-        super().attach(layer, weight, initial)
+    def attach(self, layer: nn.Module, weight: str, initial: Tensor, bound: float) -> None:
+        super().attach(layer, weight, initial, bound)
         name = feedback_name(weight)
+        layer.__dict__.setdefault("_feedback_bounds", {})[name] = float(bound)
         layer.register_buffer(f"{name}_seed", torch.tensor(_seed_of(initial), device=initial.device))
         layer.register_buffer(f"{name}_step", torch.zeros((), dtype=torch.int64, device=initial.device))
         layer.register_load_state_dict_post_hook(_forget_clocks)
@@ -170,7 +175,7 @@ class BatchRandomSign(FixedRandomSign):
         getattr(layer, f"{name}_step").fill_(clock[1])
         gen = torch.Generator(device=magnitude.device).manual_seed(_mix(clock[0], clock[1]))
         with torch.no_grad():
-            magnitude.uniform_(0.0, init_bound(magnitude), generator=gen)  # |U(±b)| = U(0, b)
+            magnitude.uniform_(0.0, layer._feedback_bounds[name], generator=gen)  # |U(±b)| = U(0, b)
 
 
 class KolenPollack(PerLayerRule):
@@ -179,7 +184,7 @@ class KolenPollack(PerLayerRule):
     then moves B exactly as W, weight decay included: with SGD (LR η, decay λ),
     B_k − W_k = (1 − ηλ)^k (B_0 − W_0). Build the optimizer after `convert`."""
 
-    def attach(self, layer: nn.Module, weight: str, initial: Tensor) -> None:
+    def attach(self, layer: nn.Module, weight: str, initial: Tensor, bound: float) -> None:
         layer.register_parameter(feedback_name(weight), nn.Parameter(initial.detach().clone()))
 
 
@@ -226,16 +231,19 @@ def feedback_name(weight: str) -> str:
     return "feedback" if weight == "weight" else f"{weight}_feedback"
 
 
-def add_feedback(layer: nn.Module, weight: str, initial: Tensor, rule: str = "fa") -> None:
+def add_feedback(layer: nn.Module, weight: str, initial: Tensor, rule: str = "fa",
+                 bound: float | None = None) -> None:  # fmt: skip
     """Give `layer.<weight>` its feedback by `rule` (a key of PER_LAYER), starting from
-    `initial` (the weight's shape); replaces any feedback registered before."""
+    `initial` (the weight's shape); replaces any feedback registered before. `bound`:
+    b of the weight's default initialisation U(±b), which sets usf's scale and brsf's
+    draws (default 1/√fan_in, Linear's and Conv's; recurrent layers pass 1/√hidden)."""
     if rule not in PER_LAYER:
         raise ValueError(f"{rule!r} is not a per-layer rule; choose one of {', '.join(PER_LAYER)}")
     name = feedback_name(weight)
     for attr in (name, f"{name}_seed", f"{name}_step"):
         if hasattr(layer, attr):
             delattr(layer, attr)
-    PER_LAYER[rule].attach(layer, weight, initial)
+    PER_LAYER[rule].attach(layer, weight, initial, init_bound(initial) if bound is None else bound)
     layer.feedback_rule = rule
 
 
