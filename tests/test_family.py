@@ -347,3 +347,20 @@ def test_an_interrupted_and_resumed_run_is_bit_identical(rule, tmp_path):
     a, b = (checkpoint.load(r / "checkpoint.pt")["model"] for r in (ref, resumed))
     assert set(a) == set(b) and any("feedback" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_brsf_draw_is_uniform_on_zero_to_bound_and_seeded(dtype):
+    """draw_uniform: U(0, b) moments (mean b/2, variance b²/12) on 200k draws, the same
+    numbers for the same seed, others for the next one."""
+    from feedalign.rules.feedback import draw_uniform
+
+    b = 0.3
+    x, again, other = (torch.empty(400, 500, dtype=dtype) for _ in range(3))
+    draw_uniform(x, b, seed=7)
+    draw_uniform(again, b, seed=7)
+    draw_uniform(other, b, seed=8)
+    assert x.min() >= 0 and x.max() < b
+    assert abs(x.mean().item() - b / 2) < 4 * b / math.sqrt(12 * x.numel())
+    assert x.var().item() == pytest.approx(b * b / 12, rel=0.02)
+    assert torch.equal(x, again) and not torch.equal(x, other)

@@ -26,6 +26,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -47,6 +48,24 @@ def uniform(
     values for a given seed), then moved to `device`."""
     out = torch.empty(shape, dtype=torch.float64).uniform_(-bound, bound, generator=gen)
     return out.to(dtype=dtype, device=device)
+
+
+def draw_uniform(out: Tensor, bound: float, seed: int) -> None:
+    """out ← U(0, bound), in place, determined by `seed`.
+
+    On the CPU (float32/float64 tensors) the numbers come from NumPy's PCG64, written
+    straight into `out`'s memory: about 35% cheaper than torch's CPU generator (a
+    Mersenne Twister), which matters because brsf draws every weight at every step
+    (measured on one core: 1.3 ms against 2.0 ms per 800×784 float32 draw). Threads do
+    not help: next to torch's OpenMP workers, a second drawing thread made it slower.
+    Other devices and dtypes use torch's generator of the device (Philox on CUDA).
+    """
+    if out.device.type != "cpu" or out.dtype not in (torch.float32, torch.float64) or not out.is_contiguous():
+        out.uniform_(0.0, bound, generator=torch.Generator(device=out.device).manual_seed(seed))
+        return
+    flat = out.view(-1).numpy()  # shares out's memory
+    np.random.Generator(np.random.PCG64(seed)).random(dtype=flat.dtype, out=flat)
+    out.mul_(bound)
 
 
 def dfa_bound(n_elements: int, rfb_mag: float) -> float:
@@ -173,9 +192,8 @@ class BatchRandomSign(FixedRandomSign):
         clock = clocks[name]
         clock[1] += 1
         getattr(layer, f"{name}_step").fill_(clock[1])
-        gen = torch.Generator(device=magnitude.device).manual_seed(_mix(clock[0], clock[1]))
-        with torch.no_grad():
-            magnitude.uniform_(0.0, layer._feedback_bounds[name], generator=gen)  # |U(±b)| = U(0, b)
+        with torch.no_grad():  # |U(±b)| = U(0, b)
+            draw_uniform(magnitude, layer._feedback_bounds[name], _mix(clock[0], clock[1]))
 
 
 class KolenPollack(PerLayerRule):
