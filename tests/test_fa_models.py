@@ -351,3 +351,31 @@ def test_torch_compile_smoke():
     F.cross_entropy(compiled(x), y).backward()
     for (n, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=n, atol=1e-5, rtol=1e-4)
+
+
+class ScaledLinear(nn.Linear):
+    """A user's Linear subclass that keeps nn.Linear's forward: fa makes its twin at run time."""
+
+
+@pytest.mark.parametrize("rule", ["fa", "kp"])
+def test_whole_model_torch_save_round_trip_keeps_the_rule(rule):
+    """torch.save(model) of a converted model whose twins were made at run time (a
+    Linear subclass, attention's out_proj) loads back (a trusted file: weights_only=False)
+    with the same outputs and the same fa input gradients, δ B, not δ W."""
+    import io
+
+    torch.manual_seed(0)
+    model = feedalign.convert(nn.Sequential(TransformerClassifier(), ScaledLinear(3, 2)), rule, seed=1)
+    model.eval()
+    tokens = torch.randint(1, 11, (4, 5))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    assert type(loaded[1]).__name__ == "FAScaledLinear" and isinstance(loaded[1], ScaledLinear)
+    assert feedalign.rule_of(loaded) == rule
+    torch.testing.assert_close(loaded(tokens), model(tokens))
+    x = torch.randn(4, 3, requires_grad=True)
+    loaded[1](x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 2) @ loaded[1].feedback.detach())
+    assert not torch.allclose(loaded[1].feedback, loaded[1].weight)
+    assert copy.deepcopy(model)[1].feedback is not model[1].feedback

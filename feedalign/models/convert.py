@@ -150,11 +150,28 @@ def _unsupported(m: nn.Module) -> str | None:
 def _fa_twin(layer: nn.Module) -> None:
     """Turn `layer` into its fa twin in place: the class is swapped, so its Parameter objects,
     hooks and attributes stay (optimizers built earlier and state_dict keys still work)."""
-    cls, base = type(layer), _torch_base(type(layer))
-    twin = FA_TWINS[cls] if cls in FA_TWINS else _SUBCLASS_TWINS.get(cls)
-    if twin is None:  # e.g. attention's NonDynamicallyQuantizableLinear: its own class, fa's forward
-        twin = _SUBCLASS_TWINS[cls] = type(f"FA{cls.__name__}", (FA_TWINS[base], cls), {})
-    layer.__class__ = twin
+    layer.__class__ = twin_class(type(layer))
+
+
+def twin_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The fa twin of torch layer class `cls`. A subclass that keeps the torch forward
+    (e.g. attention's NonDynamicallyQuantizableLinear) gets a class made once, from
+    the twin and `cls`, which pickles by way of `cls` (no importable name of its own)."""
+    if cls in FA_TWINS:
+        return FA_TWINS[cls]
+    if cls not in _SUBCLASS_TWINS:
+        bases = (FA_TWINS[_torch_base(cls)], cls)
+        _SUBCLASS_TWINS[cls] = type(f"FA{cls.__name__}", bases, {"__reduce_ex__": _reduce_twin})
+    return _SUBCLASS_TWINS[cls]
+
+
+def _reduce_twin(layer: nn.Module, protocol: int):
+    """pickle / torch.save of a whole model: rebuild the twin of the user's class."""
+    return _rebuild_twin, (type(layer).__bases__[1],), layer.__getstate__()
+
+
+def _rebuild_twin(cls: type[nn.Module]) -> nn.Module:
+    return nn.Module.__new__(twin_class(cls))
 
 
 def _fa_layers(model: nn.Module) -> list[nn.Module]:
