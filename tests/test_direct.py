@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo import ResNet, ViT
 
 import feedalign
 from feedalign.describe import LOCAL, classify
@@ -23,75 +24,6 @@ pytestmark = pytest.mark.usefixtures("float64")  # every tensor here is float64 
 
 
 # --- models written here (shaped like torchvision's ResNet, timm's ViT, torch's encoder) ---
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = None
-        if stride != 1 or c_in != c_out:
-            conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-            self.downsample = nn.Sequential(conv, nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        skip = x if self.downsample is None else self.downsample(x)
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + skip)
-
-
-class ResNet(nn.Module):
-    def __init__(self, classes: int = 3):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.layer1 = nn.Sequential(BasicBlock(4, 4), BasicBlock(4, 4))
-        self.layer2 = nn.Sequential(BasicBlock(4, 8, 2), BasicBlock(8, 8))
-        self.fc = nn.Linear(8, classes)
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(torch.relu(self.bn1(self.conv1(x)))))
-        return self.fc(x.mean((2, 3)))
-
-
-class Mlp(nn.Module):
-    def __init__(self, d: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):  # timm-style: x + attn(norm1(x)); x + mlp(norm2(x))
-    def __init__(self, d: int):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
-        self.mlp = Mlp(d)
-
-    def forward(self, x):
-        h = self.norm1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    def __init__(self, d: int = 8, classes: int = 3):
-        super().__init__()
-        self.patch_embed = nn.Conv2d(3, d, 4, 4)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.1)
-        self.pos_embed = nn.Parameter(torch.randn(1, 5, d) * 0.1)
-        self.blocks = nn.Sequential(Block(d), Block(d))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, 4, d)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
-        return self.head(self.norm(self.blocks(x))[:, 0])
 
 
 class Encoder(nn.Module):

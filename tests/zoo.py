@@ -1,0 +1,87 @@
+"""Models a user brings, written here for the tests (torchvision and timm are not
+dependencies): shaped like torchvision's ResNet and timm's ViT."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock: conv-bn-relu-conv-bn, plus the (projected) input."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            conv = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+            self.downsample = nn.Sequential(conv, nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        skip = x if self.downsample is None else self.downsample(x)
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + skip)
+
+
+class ResNet(nn.Module):
+    """A two-stage ResNet on (N, 3, H, W): stem, layer1 (4 channels), layer2 (8, stride 2), fc."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer1 = nn.Sequential(BasicBlock(4, 4), BasicBlock(4, 4))
+        self.layer2 = nn.Sequential(BasicBlock(4, 8, 2), BasicBlock(8, 8))
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(torch.relu(self.bn1(self.conv1(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """timm-style: x + attn(norm1(x)); x + [gamma ∘] mlp(norm2(x)) (gamma: LayerScale, elementwise)."""
+
+    def __init__(self, d: int, layer_scale: bool = False):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = Mlp(d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.5)) if layer_scale else None
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.gamma is None else self.gamma * m)
+
+
+class ViT(nn.Module):
+    """(N, 3, 8, 8) -> 4 patches of 4×4 + a class token -> 2 blocks -> head on the class token."""
+
+    def __init__(self, d: int = 8, classes: int = 3, layer_scale: bool = False):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, d, 4, 4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, d) * 0.1)
+        self.blocks = nn.Sequential(Block(d, layer_scale), Block(d, layer_scale))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, 4, d)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
