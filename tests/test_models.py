@@ -211,3 +211,38 @@ def test_build_model_feedback_init_chooses_fa_feedback_independent_of_the_weight
             assert b.abs().max() <= 1 / layer.in_features**0.5
     with pytest.raises(ValueError, match="original, random, weights"):
         feedalign.build_model("mlp", (1, 8, 8), 10, feedback_init="copy", **kw)
+
+
+@pytest.mark.parametrize("rule", ["bp", "fa", "usf", "kp", "dfa", "drtp"])
+def test_channels_last_gives_the_same_gradients(rule, float64):
+    """-memory_format only changes the layout: one step of LeNet (float64) has the same
+    loss and the same gradient for every parameter in both layouts."""
+    from feedalign.models import build_model
+
+    def grads(channels_last: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model = build_model("lenet", (1, 32, 32), 10, rule=rule, nonlin="relu", criterion="ce", seed=3,
+                            feedback_init="random")  # fmt: skip
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(5, 1, 32, 32, generator=g), torch.randint(0, 10, (5,), generator=g)
+        loss = torch.nn.functional.nll_loss(model(x), y)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+    (loss_a, a), (loss_b, b) = grads(False), grads(True)
+    assert loss_a == pytest.approx(loss_b, rel=1e-12)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_memory_format_auto_picks_channels_last_for_conv_networks_on_the_cpu():
+    from feedalign.train.session import use_channels_last
+
+    cpu = torch.device("cpu")
+    conv, mlp = nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Linear(2, 2))
+    assert use_channels_last("auto", conv, cpu) and not use_channels_last("auto", mlp, cpu)
+    assert not use_channels_last("auto", conv, torch.device("cuda"))
+    assert not use_channels_last("contiguous", conv, cpu) and use_channels_last("channels_last", mlp, cpu)

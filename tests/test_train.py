@@ -525,8 +525,8 @@ def test_train_itself_refuses_changing_a_non_resumable_option_on_resume(tmp_path
     run = tmp_path / "run"
     saved = json.loads((run / "options.json").read_text())
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with pytest.raises(OptionError, match=r"only compile_optimizer, devid, epoch, quiet, threads may change, "
-                                          r"not LR 0.5 \(run: 0.001\)"):  # fmt: skip
+    allowed = "compile_optimizer, devid, epoch, memory_format, quiet, threads"
+    with pytest.raises(OptionError, match=rf"only {allowed} may change, not LR 0.5 \(run: 0.001\)"):
         train(Options.from_dict(saved | {"LR": 0.5}), resume=run)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     resumed = train(Options.from_dict(saved | {"threads": 2, "seed": None}), resume=run)  # allowed

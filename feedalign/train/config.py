@@ -30,12 +30,13 @@ from feedalign.train.optim import MAX_NORM_OFF, OPTIMIZERS
 
 TYPES = ("float", "cuda")
 AMP = ("none", "bf16")
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 SEED_LIMIT = 2**63  # seeds are int64 tensors across ranks; torch takes up to 2**64 - 1
 
 # Options that `--resume` may change: how the run is executed, not what it computes.
 # The device type may not change: a mid-epoch checkpoint continues the epoch's
 # shuffle, which is drawn on the run's device.
-RESUME_MAY_CHANGE = frozenset({"epoch", "quiet", "threads", "devid", "compile_optimizer"})
+RESUME_MAY_CHANGE = frozenset({"epoch", "quiet", "threads", "devid", "compile_optimizer", "memory_format"})
 
 
 class OptionError(ValueError):
@@ -48,7 +49,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "criterion": tuple(CRITERIA), "nonlin": tuple(NONLINS), "gradient": tuple(rules.RULES),
         "optimization": tuple(OPTIMIZERS), "normalization": tuple(NORMALIZATIONS),
         "format": tuple(FORMATS), "type": TYPES, "amp": AMP, "error_at": tuple(ERROR_AT),
-        "feedback_init": FEEDBACK_INITS,
+        "feedback_init": FEEDBACK_INITS, "memory_format": MEMORY_FORMATS,
     }  # fmt: skip
 
 
@@ -162,6 +163,10 @@ class Options:
     )
     lr_gamma: float = option(0.1, "LR factor applied at each of lr_milestones")
     resize: int = option(0, "resize images to resize×resize (bilinear) before preprocessing; 0 = as stored")
+    memory_format: str = option(
+        "auto", "conv weights' layout: auto (channels_last for networks with 2-d convolutions on the CPU, "
+        "where it is faster) | contiguous | channels_last; the same math either way"
+    )
 
     def check(self) -> Options:
         """Refuse impossible values before any work starts (OptionError lists what is allowed)."""
