@@ -246,3 +246,17 @@ def test_memory_format_auto_picks_channels_last_for_conv_networks_on_the_cpu():
     assert use_channels_last("auto", conv, cpu) and not use_channels_last("auto", mlp, cpu)
     assert not use_channels_last("auto", conv, torch.device("cuda"))
     assert not use_channels_last("contiguous", conv, cpu) and use_channels_last("channels_last", mlp, cpu)
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa", "drtp"])
+def test_convert_without_a_seed_leaves_torchs_global_rng_alone(rule):
+    """No seed: a fresh seed from the OS, for every rule kind; torch's global stream (which
+    the user's own init and dropout read) is not advanced, and two conversions differ."""
+    a, b = (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)) for _ in range(2))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    feedalign.convert(a, rule, input_shape=(4,))
+    assert torch.equal(torch.rand(3), expected)
+    feedalign.convert(b, rule, input_shape=(4,))
+    assert not torch.equal(feedalign.feedback(a)[0], feedalign.feedback(b)[0])

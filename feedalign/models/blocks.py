@@ -160,8 +160,9 @@ def convert_direct(
     module docstring for where). signal: "error" (dfa), "target" (drtp), "none" (shallow)."""
     rule = SIGNALS[signal]
     ref = next(model.parameters(), torch.zeros(()))
-    if gen is None:  # torch's global RNG: one draw now fixes the feedback for good
-        gen = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+    if gen is None:  # a fresh seed from the OS, as fa's: torch's global RNG stays untouched
+        gen = torch.Generator()
+        gen.seed()
     manual = [(n, m) for n, m in model.named_modules() if isinstance(m, Tap)]
     marked = [(n, m) for n, m in model.named_modules() if isinstance(m, Output)]
     if isinstance(model, nn.Sequential) and blocks is None and output is None and not manual + marked:
