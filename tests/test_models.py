@@ -239,7 +239,7 @@ def test_channels_last_gives_the_same_gradients(rule, float64):
 
 
 def test_memory_format_auto_picks_channels_last_for_conv_networks_on_the_cpu():
-    from feedalign.train.session import use_channels_last
+    from feedalign.train.inputs import use_channels_last
 
     cpu = torch.device("cpu")
     conv, mlp = nn.Sequential(nn.Conv2d(1, 2, 3)), nn.Sequential(nn.Linear(2, 2))

@@ -1,0 +1,64 @@
+"""The inputs of a run: its data (loaded and preprocessed once, on the device) and its
+model (built from the options, in the memory layout that suits the device)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from feedalign.models import build_model
+from feedalign.train.config import Options
+
+
+@dataclass
+class Data:
+    train_x: Tensor  # (N, C, H, W) float32, preprocessed, on the device
+    train_y: Tensor  # (N,) int64
+    test_x: Tensor
+    test_y: Tensor
+    classes: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+
+def load_data(opts: Options, device: torch.device) -> Data:
+    """The dataset as docs/original.md §5 prepares it, moved to `device` once."""
+    from feedalign.data import load_dataset
+    from feedalign.preprocess import prepare
+
+    train, test = load_dataset(
+        opts.dataset, opts.datapath, validate=opts.validate, svhn_extra=opts.svhn_extra
+    )
+    train_x, test_x = prepare(
+        train.images.to(device), test.images.to(device), dataset=opts.dataset, validate=opts.validate,
+        format=opts.format, whiten=opts.whiten, normalization=opts.normalization, cache_dir=opts.preProcDir,
+        resize=opts.resize,
+    )  # fmt: skip
+    return Data(train_x, train.labels.to(device), test_x, test.labels.to(device), list(train.classes))
+
+
+def make_model(opts: Options, data: Data, device: torch.device) -> nn.Module:
+    model = build_model(
+        opts.network, data.input_shape, len(data.classes), rule=opts.gradient, nonlin=opts.nonlin,
+        num_layers=opts.num_layers, num_hidden=opts.num_hidden, dropout=opts.dropout,
+        batchnorm=opts.batchnorm, bias=bool(opts.bias), rfb_mag=opts.rfb_mag, criterion=opts.criterion,
+        seed=opts.seed, models_folder=opts.modelsFolder, error_at=opts.error_at,
+        feedback_init=opts.feedback_init,
+    )  # fmt: skip
+    model = model.to(device)
+    if use_channels_last(opts.memory_format, model, device):
+        model = model.to(memory_format=torch.channels_last)  # 4-d weights and B's; inputs may stay NCHW
+    return model
+
+
+def use_channels_last(memory_format: str, model: nn.Module, device: torch.device) -> bool:
+    """`auto`: on the CPU, for a network with 2-d convolutions. Measured there with one
+    thread (`python bench/conv_layout.py`, BENCHMARKS.md): LeNet steps ~15–25% faster,
+    the paper's CIFAR conv network ~10% (bp). On a GPU the cuDNN defaults are kept."""
+    if memory_format != "auto":
+        return memory_format == "channels_last"
+    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
