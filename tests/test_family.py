@@ -364,3 +364,38 @@ def test_brsf_draw_is_uniform_on_zero_to_bound_and_seeded(dtype):
     assert abs(x.mean().item() - b / 2) < 4 * b / math.sqrt(12 * x.numel())
     assert x.var().item() == pytest.approx(b * b / 12, rel=0.02)
     assert torch.equal(x, again) and not torch.equal(x, other)
+
+
+def test_xavier_init_draws_weights_and_every_rules_feedback_like_xavier():
+    """build_model(init="xavier") (BioTorch's default): W ~ U(±b), b = √(6/(fan_in+fan_out)),
+    zero biases; fa's B_0 from the same U(±b), independent of W; usf's s = b/√3; brsf's
+    draws U(0, b); the feedback of init="default" keeps 1/√fan_in."""
+    from feedalign.models import build_model
+    from feedalign.rules.feedback import xavier_bound
+
+    def xb(w):  # the formula, by hand: fans of a (out, in, kh, kw) kernel
+        k = w[0][0].numel() if w.dim() > 2 else 1
+        return math.sqrt(6 / (w.shape[0] * k + w.shape[1] * k))
+
+    conv, lin = nn.Conv2d(6, 16, 5), nn.Linear(120, 84)
+    assert xavier_bound(conv.weight) == pytest.approx(math.sqrt(6 / (150 + 400)))
+    assert xavier_bound(lin.weight) == pytest.approx(math.sqrt(6 / 204))
+    kw = dict(nonlin="relu", criterion="ce", seed=4, feedback_init="random", init="xavier")
+    fa = build_model("lenet", (1, 32, 32), 10, rule="fa", **kw)
+    for m in fa.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            b = xb(m.weight)
+            assert m.weight.abs().max() <= b and m.weight.abs().max() > 0.9 * b
+            assert torch.all(m.bias == 0)
+            assert m.feedback.abs().max() <= b and m.feedback.abs().max() > 0.9 * b
+            assert not torch.equal(m.feedback, m.weight)
+    big = fa[3].weight  # 2,400 weights: the std of U(±b) is b/√3
+    assert big.std().item() == pytest.approx(xb(big) / math.sqrt(3), rel=0.05)
+    usf = build_model("lenet", (1, 32, 32), 10, rule="usf", **kw)
+    assert usf[9].feedback.item() == pytest.approx(xb(usf[9].weight) / math.sqrt(3))
+    brsf = build_model("lenet", (1, 32, 32), 10, rule="brsf", **kw)
+    assert brsf[9]._feedback_bounds["feedback"] == pytest.approx(xb(brsf[9].weight))
+    classic = build_model("lenet", (1, 32, 32), 10, rule="usf", **(kw | {"init": "classic"}))
+    assert classic[9].feedback.item() == pytest.approx(1 / math.sqrt(3 * 120))
+    with pytest.raises(ValueError, match="classic, xavier"):
+        build_model("lenet", (1, 32, 32), 10, rule="fa", **(kw | {"init": "he"}))

@@ -18,7 +18,7 @@ from feedalign.models.lenet import lenet
 from feedalign.models.mlp import mlp
 from feedalign.models.resnet import resnet20
 from feedalign.rules import RULES, check_rule
-from feedalign.rules.feedback import fan_in, generator
+from feedalign.rules.feedback import fan_in, generator, xavier_bound
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp, "conv": conv, "lenet": lenet, "resnet20": resnet20,
@@ -59,6 +59,19 @@ def init_classic(model: nn.Module, gen: torch.Generator | None) -> None:
                     m.bias.uniform_(-bound, bound, generator=gen)
 
 
+def init_xavier(model: nn.Module, gen: torch.Generator | None) -> None:
+    """BioTorch's default: weight ~ xavier-uniform U(±√(6/(fan_in + fan_out))), bias 0,
+    for every Linear/Conv2d."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, TRAINABLE):
+                m.weight.uniform_(-1.0, 1.0, generator=gen).mul_(xavier_bound(m.weight))
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+# build_model(init=...): how W is drawn, and the distribution convert() gives the feedback
+INITS = {"classic": (init_classic, "default"), "xavier": (init_xavier, "xavier")}
 FEEDBACK_INITS = ("original", "random", "weights")  # build_model's; convert takes the last two
 
 
@@ -80,6 +93,7 @@ def build_model(
     models_folder: str | Path | None = None,
     error_at: str = "logits",
     feedback_init: str = "original",
+    init: str = "classic",
 ) -> nn.Module:
     """Build `network` ("mlp" or "conv") for inputs of `input_shape` (C, H, W),
     learning by `rule` (a name in `feedalign.RULES`; the CLI's `-gradient`),
@@ -89,7 +103,10 @@ def build_model(
     initial weights before that. The other rules draw their feedback independently
     and keep the random weights (sign rules send no error through sign(0) = 0).
     feedback_init: "original" (as just said), or "random" / "weights" for every
-    per-layer rule (e.g. "random": fa with a B drawn independently of W, as BioTorch)."""
+    per-layer rule (e.g. "random": fa with a B drawn independently of W, as BioTorch).
+    init: "classic" (the original's U[±1/sqrt(fan_in)]) or "xavier" (xavier-uniform
+    weights, zero biases, and the per-layer rules' feedback drawn and scaled like
+    xavier-uniform: BioTorch's default)."""
     spec = RULES[check_rule(rule)]
     if feedback_init not in FEEDBACK_INITS:
         allowed = ", ".join(FEEDBACK_INITS)
@@ -97,6 +114,8 @@ def build_model(
     limited = dict(n_classes=n_classes, num_layers=num_layers, num_hidden=num_hidden, dropout=dropout,
                    batchnorm=batchnorm, rfb_mag=rfb_mag)  # fmt: skip
     check_limits(limited, MODEL_LIMITS)  # the same limits as the command line's (feedalign/checks.py)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if nonlin not in NONLINS:
         raise ValueError(f"unknown nonlin {nonlin!r}; choose one of {', '.join(NONLINS)}")
     if criterion not in CRITERIA:
@@ -113,7 +132,8 @@ def build_model(
         bias=bias,
         log_softmax=CRITERIA[criterion][1],
     )
-    init_classic(model, generator(seed))
+    init_weights, feedback_dist = INITS[init]
+    init_weights(model, generator(seed))
     fb_seed = None if seed is None else seed + FEEDBACK_SEED_OFFSET
     convert(
         model,
@@ -124,6 +144,7 @@ def build_model(
         error_at=error_at,
         feedback_init=("weights" if spec.original_init else "random")
         if feedback_init == "original" else feedback_init,
+        init=feedback_dist,
     )
     if spec.original_init and nonlin in ("tanh", "sigm"):
         with torch.no_grad():  # docs/original.md §1: dfa learns from a zero initial condition

@@ -31,7 +31,7 @@ from feedalign.rules.fa import (
 )
 from feedalign.rules.fa_attention import FAMultiheadAttention
 from feedalign.rules.fa_recurrent import FAGRU, FALSTM, FARNN, FAGRUCell, FALSTMCell, FARNNCell
-from feedalign.rules.feedback import feedback_for, feedback_name, generator, uniform
+from feedalign.rules.feedback import feedback_for, feedback_name, generator, uniform, xavier_bound
 
 TRAINABLE = (nn.Linear, nn.Conv2d)  # the layers build_model initialises (docs/original.md §1)
 ERROR_AT = ("logits", "output")
@@ -48,6 +48,7 @@ def convert(
     blocks: BlockSpec = None,
     output: str | None = None,
     feedback_init: str = "random",
+    init: str = "default",
 ) -> nn.Module:
     """Make `model` learn by `rule` (a name in `feedalign.RULES`); returns the same object.
 
@@ -68,14 +69,19 @@ def convert(
         (default): each B_0 is an independent draw from its layer's default
         initialisation; "weights": a copy of the current weights (the original's fa;
         build_model uses it for fa).
+    init: per-layer rules, the distribution their feedback follows (B_0's draw, usf's
+        scale s = b/√3, brsf's draws U(±b)): "default" — each layer's own default
+        initialisation; "xavier" — xavier-uniform, b = √(6/(fan_in + fan_out)) (BioTorch's).
     """
     spec = RULES[check_rule(rule)]
     if rfb_mag < 0:
         raise ValueError(f"rfb_mag must be >= 0 (0 = the defaults of docs/original.md §1), got {rfb_mag}")
     if rule_of(model) != "bp":
         raise ValueError("model is already converted; build a fresh model to change its rule")
+    if init not in FEEDBACK_BOUNDS:
+        raise ValueError(f"init must be one of {', '.join(FEEDBACK_BOUNDS)}, got {init!r}")
     if spec.kind == "per-layer":
-        _convert_fa(model, rule, rfb_mag, generator(seed), feedback_init=feedback_init)
+        _convert_fa(model, rule, rfb_mag, generator(seed), feedback_init=feedback_init, init=init)
     elif spec.kind == "direct":  # where the taps go: feedalign/models/blocks.py
         if error_at not in ERROR_AT:
             raise ValueError(f"error_at must be one of {ERROR_AT}, got {error_at!r}")
@@ -120,6 +126,7 @@ def rule_of(model: nn.Module) -> str:
 # --- fa ---------------------------------------------------------------------------
 
 FEEDBACK_INITS = ("random", "weights")
+FEEDBACK_BOUNDS = {"default": None, "xavier": xavier_bound}  # convert(init=...): b per weight
 FA_SEED_SALT = "feedalign.fa.feedback"  # feedback seeds are hashed: never torch's global stream for a seed
 # torch layer -> its fa twin (subclasses that keep the torch forward get a twin made from both)
 FA_TWINS: dict[type[nn.Module], type[nn.Module]] = {
@@ -204,7 +211,7 @@ def _fa_generator(gen: torch.Generator | None) -> torch.Generator:
 
 
 def _convert_fa(model: nn.Module, rule: str, rfb_mag: float, gen: torch.Generator | None, *,
-                feedback_init: str = "random") -> None:  # fmt: skip
+                feedback_init: str = "random", init: str = "default") -> None:  # fmt: skip
     """Give every weight layer of `model` the per-layer `rule` (fa family), in place.
 
     B_0 of each weight: rfb_mag > 0 — U[-rfb_mag, rfb_mag]; else feedback_init
@@ -226,5 +233,5 @@ def _convert_fa(model: nn.Module, rule: str, rfb_mag: float, gen: torch.Generato
 
     for layer in layers:
         _fa_twin(layer)
-        layer.fa_setup(rule, initial)
+        layer.fa_setup(rule, initial, FEEDBACK_BOUNDS[init])
     fa_guard.install(model)

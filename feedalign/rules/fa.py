@@ -155,10 +155,14 @@ class FALayer:
         """(owner, weight name, default-init bound) of every weight this layer trains by fa."""
         return [(self, "weight", init_bound(self.weight))]  # kaiming_uniform(a=√5): U(±1/√fan_in)
 
-    def fa_setup(self, rule: str, initial: Callable[[Tensor, float], Tensor]) -> None:
-        """Give every weight its starting feedback initial(weight, default bound)."""
-        for owner, name, bound in self.fa_slots():
-            add_feedback(owner, name, initial(getattr(owner, name).detach(), bound), rule, bound)
+    def fa_setup(self, rule: str, initial: Callable[[Tensor, float], Tensor],
+                 bound_of: Callable[[Tensor], float] | None = None) -> None:  # fmt: skip
+        """Give every weight its starting feedback initial(weight, bound); bound: that of
+        the layer's default init U(±bound), or bound_of(weight) (e.g. xavier's)."""
+        for owner, name, default in self.fa_slots():
+            w = getattr(owner, name).detach()
+            bound = default if bound_of is None else bound_of(w)
+            add_feedback(owner, name, initial(w, bound), rule, bound)
         self.rule = rule
         self.rule_active = True
 

@@ -84,6 +84,13 @@ def init_bound(weight: Tensor) -> float:
     return 1.0 / math.sqrt(fan_in(weight))
 
 
+def xavier_bound(weight: Tensor) -> float:
+    """b of xavier-uniform U(±b), b = √(6 / (fan_in + fan_out)), fans as torch counts them
+    (dim 1 and dim 0 times the kernel's size); BioTorch's default for W and B."""
+    receptive = weight[0][0].numel() if weight.dim() > 2 else 1
+    return math.sqrt(6.0 / ((weight.shape[1] + weight.shape[0]) * receptive))
+
+
 # --- the per-layer rules ----------------------------------------------------------
 
 

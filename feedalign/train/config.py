@@ -23,7 +23,7 @@ from feedalign.checks import MODEL_LIMITS, Limit, check_limits, finite_above, fi
 from feedalign.checks import one_of as one_of_ints
 from feedalign.data import DATASETS
 from feedalign.losses import CRITERIA
-from feedalign.models import FEEDBACK_INITS, NONLINS
+from feedalign.models import FEEDBACK_INITS, INITS, NONLINS
 from feedalign.models.convert import ERROR_AT
 from feedalign.preprocess import FORMATS, NORMALIZATIONS
 from feedalign.train.optim import MAX_NORM_OFF, OPTIMIZERS
@@ -49,7 +49,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "criterion": tuple(CRITERIA), "nonlin": tuple(NONLINS), "gradient": tuple(rules.RULES),
         "optimization": tuple(OPTIMIZERS), "normalization": tuple(NORMALIZATIONS),
         "format": tuple(FORMATS), "type": TYPES, "amp": AMP, "error_at": tuple(ERROR_AT),
-        "feedback_init": FEEDBACK_INITS, "memory_format": MEMORY_FORMATS,
+        "feedback_init": FEEDBACK_INITS, "memory_format": MEMORY_FORMATS, "init": tuple(INITS),
     }  # fmt: skip
 
 
@@ -163,6 +163,10 @@ class Options:
     )
     lr_gamma: float = option(0.1, "LR factor applied at each of lr_milestones")
     resize: int = option(0, "resize images to resize×resize (bilinear) before preprocessing; 0 = as stored")
+    init: str = option(
+        "classic", "weight init: classic (U(±1/sqrt(fan_in)), the original's) | xavier (xavier-uniform "
+        "weights, zero biases, per-layer rules' feedback drawn and scaled like it: BioTorch's default)"
+    )
     memory_format: str = option(
         "auto", "conv weights' layout: auto (channels_last for networks with 2-d convolutions on the CPU, "
         "where it is faster) | contiguous | channels_last; the same math either way"

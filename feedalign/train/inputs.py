@@ -47,7 +47,7 @@ def make_model(opts: Options, data: Data, device: torch.device) -> nn.Module:
         num_layers=opts.num_layers, num_hidden=opts.num_hidden, dropout=opts.dropout,
         batchnorm=opts.batchnorm, bias=bool(opts.bias), rfb_mag=opts.rfb_mag, criterion=opts.criterion,
         seed=opts.seed, models_folder=opts.modelsFolder, error_at=opts.error_at,
-        feedback_init=opts.feedback_init,
+        feedback_init=opts.feedback_init, init=opts.init,
     )  # fmt: skip
     model = model.to(device)
     if use_channels_last(opts.memory_format, model, device):
