@@ -87,6 +87,28 @@ def test_bad_row_file_is_refused(tmp_path):
     (tmp_path / "mnist" / "x.json").write_text(json.dumps(row))
     with pytest.raises(ValueError, match="rule_options.*'dfa'.*must name a rule of the row"):
         load_suite("mnist", tmp_path)
+    row.pop("rule_options")
+    row["tolerance"] = -1
+    (tmp_path / "mnist" / "x.json").write_text(json.dumps(row))
+    with pytest.raises(ValueError, match="tolerance -1 must be a positive number of points"):
+        load_suite("mnist", tmp_path)
+
+
+def test_delta_is_marked_within_or_outside_the_rows_tolerance():
+    from feedalign.reproduce.report import Group, RunResult
+    from feedalign.reproduce.tables import delta_cell
+
+    def group(best: float, status: str = "finished", tolerance: float | None = 0.3) -> Group:
+        run = RunResult("lenet", "fa", 1, None, status, test=best + 0.1, best=best)
+        return Group("lenet", "fa", [run], {"test": 1.70}, metric="best", tolerance=tolerance)
+
+    assert delta_cell(group(1.90)) == "+0.20 (within ±0.3)"
+    assert delta_cell(group(1.40)) == "-0.30 (within ±0.3)"
+    assert delta_cell(group(2.31)) == "+0.61 (**outside ±0.3**)"
+    assert delta_cell(group(2.31, tolerance=None)) == "+0.61"
+    assert delta_cell(group(2.31, status="unfinished")) == "+0.61 partial"
+    assert [r.tolerance for r in load_suite("biotorch-mnist")] == [0.3]
+    assert [r.tolerance for r in load_suite("biotorch-fashion")] == [1.0]
 
 
 # --- runner -------------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Row:
     metric: str = "final"  # "final" or "best": the table's figure, which Δ compares
     epoch_seconds: float | None = None  # estimate, one thread
     seeds: int = DEFAULT_SEEDS  # runs per rule unless --seeds says otherwise
+    tolerance: float | None = None  # |Δ| in points within which a figure counts as reproduced
 
     def options_for(self, rule: str) -> dict:
         """The row's options with `rule`'s own overrides (without gradient and seed)."""
@@ -116,7 +117,16 @@ def load_row(path: Path, suite: str) -> Row:
         metric=metric,
         epoch_seconds=d.get("epoch_seconds"),
         seeds=int(d.get("seeds", DEFAULT_SEEDS)),
+        tolerance=_tolerance(path, d.get("tolerance")),
     )
+
+
+def _tolerance(path: Path, value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{path}: tolerance {value!r} must be a positive number of points")
+    return float(value)
 
 
 def _check_published(path: Path, published: dict, rules: list[str]) -> None:

@@ -144,6 +144,7 @@ class Group:
     paper_epochs: int = PAPER_EPOCHS
     row_options: dict = field(default_factory=dict)  # the row file's options, if known
     metric: str = "final"  # the published figure is the "final" or the "best" test error
+    tolerance: float | None = None  # |Δ| (points) the row counts as reproduced, if it says
 
     @property
     def finished(self) -> list[RunResult]:
@@ -186,7 +187,7 @@ def group_runs(results: list[RunResult], rows: list[Row] | None = None,
             )
             groups[key] = Group(res.row, res.rule, [], (row.published.get(res.rule) if row else None),
                                 row.epochs if row else PAPER_EPOCHS, row.options_for(res.rule) if row else {},
-                                row.metric if row else "final")  # fmt: skip
+                                row.metric if row else "final", row.tolerance if row else None)  # fmt: skip
         groups[key].runs.append(res)
     order = {name: i for i, name in enumerate(by_name)}
     keyed = sorted(groups.values(), key=lambda g: (order.get(g.row, len(order)), g.row, _rule_order(g.rule)))

@@ -92,10 +92,16 @@ def notes_cell(g: Group) -> str:
 
 
 def delta_cell(g: Group) -> str:
+    """Δ, and against the row's tolerance (if it states one): "within ±t" or "**outside ±t**"."""
     d = g.delta()
     if d is None:
         return ""
-    return f"{d:+.2f}" + (" partial" if not g.finished else "")
+    if not g.finished:
+        return f"{d:+.2f} partial"
+    if g.tolerance is None:
+        return f"{d:+.2f}"
+    verdict = f"within ±{g.tolerance:g}" if abs(d) <= g.tolerance + 1e-9 else f"**outside ±{g.tolerance:g}**"
+    return f"{d:+.2f} ({verdict})"
 
 
 def shorter_line(groups: list[Group]) -> str:
