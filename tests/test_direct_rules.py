@@ -70,6 +70,27 @@ def test_dfa_with_error_at_output_under_ce_is_drtp():
             torch.testing.assert_close(a, b)
 
 
+def test_drtp_reads_the_target_of_rows_whose_softmax_saturated():
+    """p(target) = 1 exactly (a confident net, float precision): the row's error is 0 at
+    the target and ≥ 0 elsewhere, and the target is the largest logit among the zeros."""
+    y = torch.tensor([[1000.0, 0.0, 0.0], [40.0, 0.0, 0.0], [0.1, 0.2, 0.3], [0.0, -5.0, 2000.0]],
+                     dtype=torch.float64)  # fmt: skip
+    t = torch.tensor([0, 0, 2, 2])
+    onehot = F.one_hot(t, 3).double()
+    e = (torch.softmax(y, 1) - onehot) / 4  # F.cross_entropy's error
+    assert int((e < 0).sum()) == 1  # only row 2 shows its target by a negative entry
+    torch.testing.assert_close(target_signal(e, y), -onehot / 4)
+    torch.testing.assert_close(target_signal(torch.sigmoid(y) - onehot, y), -onehot)  # bce, s = 1
+    model = feedalign.convert(mlp3(True).double(), "drtp", seed=1)
+    x, t = data()
+    before = _hidden_grads(model, x, t, nn.NLLLoss())
+    with torch.no_grad():  # huge logits: the rows the net gets right saturate
+        model[6].weight.mul_(1e4)
+    after = _hidden_grads(model, x, t, nn.NLLLoss())
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b)
+
+
 def test_drtp_refuses_an_error_that_hides_the_target():
     with pytest.raises(RuntimeError, match="one negative entry"):
         target_signal(torch.tensor([[0.1, -0.2, -0.3]]), torch.zeros(1, 3))

@@ -43,27 +43,42 @@ IDS = "ids"  # a tap fed integer token ids: nothing upstream can learn, it gets 
 def target_signal(e: Tensor, y: Tensor) -> Tensor:
     """−s·y*, read exactly from the output error e = s·(p(y) − y*) of a cross-entropy.
 
-    e, y: (M, C). y* is one-hot, so its class is the one negative entry of every row
-    of e (p ∈ (0, 1)). The scale s is the loss's: bce (sigmoid, summed over the batch,
-    feedalign.BCE): s = 1; ce (softmax, mean over M rows): s = 1/M; an error already
-    taken at the log-softmax output (error_at="output": p = 0) is −s·y* itself.
+    e, y: (M, C); y the output layer's output (logits). y* is one-hot, so its class is
+    the one negative entry of every row of e (p ∈ (0, 1)). A confident row whose
+    p(target) rounds to exactly 1 (float32 saturates within the first epoch of a
+    LeNet) has no negative entry: its target entry is exactly 0, the row's minimum,
+    and its target is the largest logit among the entries at 0. The scale s is the
+    loss's: bce (sigmoid, summed over the batch, feedalign.BCE): s = 1; ce (softmax,
+    mean over M rows): s = 1/M; an error already taken at the log-softmax output
+    (error_at="output": p = 0) is −s·y* itself. When every row is saturated there is
+    no scale to read, and ce's mean-reduction s = 1/M is taken.
     """
-    onehot = (e < 0).to(e.dtype)
-    if not bool((onehot.sum(-1) == 1).all()):
+    negative = e < 0
+    count = negative.sum(-1)
+    saturated = count == 0
+    if bool((count > 1).any()) or bool((e[saturated] != 0).all(-1).any()):
         raise RuntimeError(
             "drtp reads the target from the output error, which must be that of a sigmoid or softmax "
             "cross-entropy (feedalign.BCE, log-softmax + NLLLoss, F.cross_entropy): one negative entry "
-            "per row; this error has rows with none or several"
+            "per row (or, where p(target) = 1 exactly, a zero); this error has rows with neither, or several"
         )
+    if bool(saturated.any()):
+        at_zero = torch.where(e == 0, y.detach().to(e.dtype), torch.finfo(e.dtype).min)
+        target = at_zero.argmax(-1)
+        negative = negative | (saturated[:, None] & nn.functional.one_hot(target, e.shape[-1]).bool())
+    onehot = negative.to(e.dtype)
     rest = e * (1 - onehot)  # s·p_c at the other classes
-    if not bool(rest.any()):
+    if not bool(rest.any()) and not bool(saturated.any()):
         return e  # error_at="output": e = −s·y* already
     y = y.detach().to(e.dtype)
     tol = 1e-3 * float(e.abs().max())
     if torch.allclose(torch.sigmoid(y) - e, onehot, rtol=0, atol=max(tol, 1e-5)):
         return -onehot  # bce: e = σ(y) − y*, s = 1
     p = torch.softmax(y, dim=-1)
-    s = float(rest.sum() / (p * (1 - onehot)).sum())
+    others = float((p * (1 - onehot)).sum())
+    if float(rest.abs().sum()) == 0 or others == 0:
+        return -onehot / len(e)  # every row saturated: no scale to read; ce's mean (s = 1/M)
+    s = float(rest.sum()) / others
     if not torch.allclose(s * (p - onehot), e, rtol=1e-2, atol=tol):
         raise RuntimeError("drtp: the output error is neither sigmoid(y) − y* nor s·(softmax(y) − y*)")
     for exact in (1.0 / len(e), 1.0):  # the mean or the sum over the M rows: exactly, not to rounding
