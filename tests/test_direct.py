@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ResNet, ViT
+from zoo import ResNet, ViT, adam_losses
 
 import feedalign
 from feedalign.describe import LOCAL, classify
@@ -137,14 +137,7 @@ def test_a_few_dozen_steps_reduce_the_loss(name):
         x = x + t.view(-1, *[1] * (x.dim() - 1))
     else:
         x[:, ::2] = t[:, None]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(40):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), t)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, x, t, 40)
     assert losses[-1] < 0.5 * losses[0], losses
 
 

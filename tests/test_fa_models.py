@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo import ResNet, ViT
+from zoo import ResNet, ViT, adam_losses
 
 import feedalign
 from feedalign.rules.feedback import feedback_name
@@ -87,14 +87,7 @@ def test_every_parameter_learns_by_fa_and_the_loss_falls(kind):
             torch.testing.assert_close(p.grad, q.grad, msg=name)
         else:
             assert not torch.allclose(p.grad, q.grad), f"{name} got back-prop's gradient"
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_losses(model, x, y, 30)
     assert losses[-1] < 0.8 * losses[0], losses
 
 
