@@ -323,7 +323,14 @@ def test_report_on_fabricated_runs(tmp_path):
     opts = json.loads((runs / "1x800-tanh" / "bp" / "seed1" / "options.json").read_text())
     (runs / "1x800-tanh" / "bp" / "seed1" / "options.json").write_text(json.dumps(opts | {"num_hidden": 32}))
     write_report(out, rows=rows, expected=expected, title="T")
-    assert "1x800-tanh: num_hidden=32 (row: 800)" in (out / "report.md").read_text()
+    assert "1x800-tanh: bp num_hidden=32 (row: 800)" in (out / "report.md").read_text()
+    # an option the row leaves at the trainer's default (init) is checked against that default;
+    # where a run ran, how fast, and the rule itself are not deviations
+    local = {"init": "xavier", "threads": 1, "datapath": "/elsewhere", "gradient": "bp"}
+    (runs / "1x800-tanh" / "bp" / "seed1" / "options.json").write_text(json.dumps(opts | local))
+    write_report(out, rows=rows, expected=expected, title="T")
+    line = next(x for x in (out / "report.md").read_text().splitlines() if "differ from their row" in x)
+    assert line.endswith("1x800-tanh: bp init=xavier (row: classic).")
     assert (out / "report.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
 
 

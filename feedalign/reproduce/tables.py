@@ -11,10 +11,12 @@ epoch's, or the best epoch's for tables that report the best).
 from __future__ import annotations
 
 import time
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from feedalign.reproduce.experiments import Row
 from feedalign.reproduce.report import Group, RunResult
+from feedalign.train.config import Options
 
 HEADER = ("| row | rule | final test | best test | final train | runs | epochs | published test "
           "| verified | Δ | notes |")  # fmt: skip
@@ -122,14 +124,30 @@ def shorter_line(groups: list[Group]) -> str:
             "Their errors are not comparable with the published figures.")  # fmt: skip
 
 
+# Options that change where a run writes, how fast it goes or what it logs, not what it
+# computes: a run may differ from its row in these without the report saying so.
+RUN_LOCAL = frozenset({"epoch", "datapath", "save", "seed", "threads", "quiet", "load", "devid",
+                       "nGPU", "modelsFolder", "preProcDir", "tensorboard", "visualize",
+                       "memory_format", "compile_optimizer", "alignment",
+                       "gradient", "type"})  # gradient: its own column; type: cpu or cuda
+
+
 def deviations_line(groups: list[Group]) -> str | None:
-    """Options (other than the epoch budget) in which runs differ from their row file."""
+    """Options in which runs differ from their row file: the row's (and its rule's) own
+    options, and every other computing option against the trainer's default — so a run
+    made with `--set init=xavier` in a row that leaves init alone is named too. An option
+    missing from a run's options.json (one that predates the option) is not compared."""
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
+                for f in fields(Options)}  # fmt: skip
     found: dict[str, set[str]] = {}
     for g in groups:
+        want = {**{k: v for k, v in defaults.items() if k not in RUN_LOCAL}, **g.row_options}
         for r in g.runs:
-            for k, want in g.row_options.items():
-                if k != "epoch" and r.options and k in r.options and r.options[k] != want:
-                    found.setdefault(g.row, set()).add(f"{k}={r.options[k]} (row: {want})")
+            if not r.options:
+                continue
+            for k, v in want.items():
+                if k in r.options and k not in RUN_LOCAL and r.options[k] != v:
+                    found.setdefault(g.row, set()).add(f"{g.rule} {k}={r.options[k]} (row: {v})")
     if not found:
         return None
     parts = [f"{row}: {', '.join(sorted(d))}" for row, d in found.items()]
