@@ -209,7 +209,7 @@ def test_sign_rules_take_the_recurrent_layers_own_init_bound():
 
 def test_brsf_draws_are_the_same_on_every_rank_and_continue_after_a_resume():
     def run(model, steps):
-        x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), requires_grad=True)
         for _ in range(steps):
             model(x).sum().backward()
         return current(model[0]).clone()
@@ -235,7 +235,25 @@ def test_alignment_leaves_brsf_where_it_was():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert set(angles) == {"0", "2"} and all(0 <= m["feedback"] < 90 for m in angles.values())
     model(x).sum().backward()  # the sequence continues from draw 2, as without alignment()
-    assert int(model[0].feedback_step) == 2
+    assert int(model[2].feedback_step) == 2
+    assert int(model[0].feedback_step) == 0  # its input has no gradient: B unused, nothing drawn
+
+
+@pytest.mark.parametrize("rule", SIGN_RULES)
+@pytest.mark.parametrize("kind", LAYERS)
+def test_sign_rules_skip_b_where_the_input_has_no_gradient(kind, rule):
+    """A first layer's backward never reads B: the rule skips building it (and brsf its
+    draw), and the weight gradients are exactly those of the path that builds it."""
+    grads = []
+    for needs in (False, True):
+        model, x_shape = converted(kind, rule, seed=0)
+        x = torch.randn(x_shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        model(x.requires_grad_(needs)).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if rule == "brsf":
+            assert int(model[0].feedback_step) == int(needs)
+    for skipped, built in zip(*grads):
+        torch.testing.assert_close(skipped, built, rtol=0, atol=0)
 
 
 # --- kp -------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class FALinear(FALayer, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if not self._fa_on():
             return F.linear(x, self.weight, self.bias)
-        return fa_linear(x, self.weight, self.bias, feedback_for(self))
+        return fa_linear(x, self.weight, self.bias, feedback_for(self, used=x.requires_grad))
 
 
 class _FAConvNd(FALayer):
@@ -199,7 +199,8 @@ class _FAConvNd(FALayer):
     def _apply_conv(self, x: Tensor, padding, output_padding=None) -> Tensor:
         conf = (self.stride, padding, self.dilation, self.groups, self.transposed_conv, output_padding)
         if self._fa_on():
-            return FAConvFunction.apply(x, self.weight, self.bias, feedback_for(self), *conf)
+            B = feedback_for(self, used=x.requires_grad)  # the first layer's input has no gradient
+            return FAConvFunction.apply(x, self.weight, self.bias, B, *conf)
         return _conv(x, self.weight, self.bias, *conf)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -126,8 +126,11 @@ class PerLayerRule(Rule):
         `bound`: b of the weight's default initialisation U(±b) (the layer kind's own)."""
         layer.register_buffer(feedback_name(weight), initial.detach().clone())
 
-    def feedback(self, layer: nn.Module, weight: str) -> Tensor:
-        """B for `layer.<weight>` now; called by the layer's forward for its backward."""
+    def feedback(self, layer: nn.Module, weight: str, used: bool = True) -> Tensor:
+        """B for `layer.<weight>` now; called by the layer's forward for its backward.
+        used=False: the backward will not need B (the layer's input has no gradient, as
+        in a network's first layer), so rules that compute B may return their stored
+        buffer instead and skip the work."""
         return getattr(layer, feedback_name(weight))
 
 
@@ -146,7 +149,9 @@ class UniformSign(PerLayerRule):
         layer.register_buffer(feedback_name(weight), torch.tensor(scale, dtype=initial.dtype,
                                                                   device=initial.device))  # fmt: skip
 
-    def feedback(self, layer: nn.Module, weight: str) -> Tensor:
+    def feedback(self, layer: nn.Module, weight: str, used: bool = True) -> Tensor:
+        if not used:
+            return getattr(layer, feedback_name(weight))
         w = getattr(layer, weight).detach()  # sign(W) has no gradient: keep it off the graph
         return torch.sign(w).mul_(getattr(layer, feedback_name(weight)))
 
@@ -158,7 +163,9 @@ class FixedRandomSign(PerLayerRule):
     def attach(self, layer: nn.Module, weight: str, initial: Tensor, bound: float) -> None:
         layer.register_buffer(feedback_name(weight), initial.detach().abs())
 
-    def feedback(self, layer: nn.Module, weight: str) -> Tensor:
+    def feedback(self, layer: nn.Module, weight: str, used: bool = True) -> Tensor:
+        if not used:
+            return getattr(layer, feedback_name(weight))
         w = getattr(layer, weight).detach()
         return torch.sign(w).mul_(getattr(layer, feedback_name(weight)))
 
@@ -184,7 +191,9 @@ class BatchRandomSign(FixedRandomSign):
         layer.register_buffer(f"{name}_step", torch.zeros((), dtype=torch.int64, device=initial.device))
         layer.register_load_state_dict_post_hook(_forget_clocks)
 
-    def feedback(self, layer: nn.Module, weight: str) -> Tensor:
+    def feedback(self, layer: nn.Module, weight: str, used: bool = True) -> Tensor:
+        if not used:  # no draw either: t counts the draws a backward used
+            return getattr(layer, feedback_name(weight))
         if layer.training and torch.is_grad_enabled():
             self._redraw(layer, weight)
         return super().feedback(layer, weight)
@@ -272,11 +281,16 @@ def add_feedback(layer: nn.Module, weight: str, initial: Tensor, rule: str = "fa
     layer.feedback_rule = rule
 
 
-def feedback_for(layer: nn.Module, weight: str = "weight") -> Tensor:
+def feedback_for(layer: nn.Module, weight: str = "weight", *, used: bool = True) -> Tensor:
     """The matrix B (the weight's shape) that `layer`'s backward uses this step in
     place of `layer.<weight>`. Side-effect free except in a training forward
-    (training mode, gradients on), where brsf draws its next M."""
-    return PER_LAYER[layer.feedback_rule].feedback(layer, weight)
+    (training mode, gradients on), where brsf draws its next M.
+
+    used=False (the layer's input does not require grad, so its backward computes no
+    input gradient and never reads B): the sign rules skip computing B — and brsf its
+    draw — and return a stand-in of any shape. On the paper's 784-800-800-10 MLP the
+    first layer holds half the weights."""
+    return PER_LAYER[layer.feedback_rule].feedback(layer, weight, used)
 
 
 @contextmanager
