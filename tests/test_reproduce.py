@@ -519,6 +519,11 @@ def test_biotorch_suites_follow_their_protocol(tmp_path):
         runs = rn.plan([row], rules=None, seeds=None, out=tmp_path)
         assert [r.label for r in runs] == [f"lenet/{rule}/seed1" for rule in row.rules if rule in RULES]
         assert {r.rule: r.options["LR"] for r in runs if r.rule in ("bp", "dfa")} == {"bp": 0.1, "dfa": 0.01}
+        # fa with BioTorch's xavier init at LR/10, drtp on tanh units (the row note says why)
+        by_rule = {r.rule: r.options for r in runs}
+        assert (by_rule["fa"]["init"], by_rule["fa"]["LR"]) == ("xavier", 0.01)
+        assert (by_rule["drtp"]["nonlin"], by_rule["drtp"]["LR"]) == ("tanh", 0.1)
+        assert "init" not in by_rule["bp"] and by_rule["bp"]["nonlin"] == "relu"
     (resnet,) = load_suite("biotorch-cifar10")
     assert {rule: p["test"] for rule, p in resnet.published.items()} == {
         "bp": 8.63, "fa": 32.16, "dfa": 45.94, "usf": 10.05, "brsf": 11.02, "frsf": 11.2}  # fmt: skip
