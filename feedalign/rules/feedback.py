@@ -172,7 +172,8 @@ class FixedRandomSign(PerLayerRule):
 
 class BatchRandomSign(FixedRandomSign):
     """brsf (Moskovitz et al. 2018): dx = δ B, B = |M_t| ∘ sign(W) with M_t ~ U(±b)
-    drawn anew at every training forward (training mode, gradients on); b is the
+    drawn anew at every training forward (training mode, gradients on) whose backward
+    reads B (not where the layer's input has no gradient, see feedback_for); b is the
     bound of the weight's default initialisation (1/√fan_in for Linear and Conv,
     1/√hidden for recurrent layers), kept host-side at attach.
 
