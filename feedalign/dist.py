@@ -11,6 +11,7 @@ with `reduce`, and only rank 0 writes files.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import inspect
 import logging
@@ -112,9 +113,19 @@ def setup(device_type: str, devid: int) -> Runtime:
     return Runtime(device, rank, world)
 
 
-def teardown() -> None:
-    """Destroy the process group; call it once the DDP model is no longer referenced."""
+def teardown(*, agreed: bool = True) -> None:
+    """Destroy the process group; call it once the DDP model is no longer referenced.
+
+    agreed: every rank got here the same way (finished, or stopped at the same sync
+    point), so they meet at a barrier first: a rank that closes its connections while
+    another is still finishing its last collective can abort that one (gloo, under
+    load). After an error on one rank the others may never come, so no barrier then."""
     if dist.is_initialized():
+        if agreed and dist.get_world_size() > 1:
+            if dist.get_backend() == "gloo":  # names a rank that does not come, after 60 s
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            else:
+                dist.barrier()
         # a DDP wrapper left in a reference cycle (the training step holds it) must be
         # collected before its process group goes: freed after it, its reducer aborts
         # the process at exit ("terminate called without an active exception")

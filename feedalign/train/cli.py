@@ -96,16 +96,21 @@ def options_from_args(args: argparse.Namespace) -> Options:
 def run_train(args: argparse.Namespace) -> int:
     """`feedalign train`; errors propagate to feedalign.cli.main, which maps them to exit codes."""
     from feedalign import dist
-    from feedalign.train.session import train
+    from feedalign.train.session import Interrupted, train
 
     opts = options_from_args(args)
     launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
     if opts.nGPU > 1 and not launched:
         return _launch_torchrun(opts.nGPU)
+    agreed = False  # whether every rank ends here the same way (dist.teardown)
     try:
         train(opts, resume=args.resume, trust_model_file=args.trust_model_file)
+        agreed = True
+    except Interrupted:  # the ranks stop together, at a sync point
+        agreed = True
+        raise
     finally:
-        dist.teardown()
+        dist.teardown(agreed=agreed)
     return 0
 
 
