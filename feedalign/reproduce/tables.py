@@ -141,12 +141,10 @@ def deviations_line(groups: list[Group]) -> str | None:
                 for f in fields(Options)}  # fmt: skip
     found: dict[str, set[str]] = {}
     for g in groups:
-        want = {**{k: v for k, v in defaults.items() if k not in RUN_LOCAL}, **g.row_options}
+        want = {k: v for k, v in {**defaults, **g.row_options}.items() if k not in RUN_LOCAL}
         for r in g.runs:
-            if not r.options:
-                continue
             for k, v in want.items():
-                if k in r.options and k not in RUN_LOCAL and r.options[k] != v:
+                if r.options and k in r.options and r.options[k] != v:
                     found.setdefault(g.row, set()).add(f"{g.rule} {k}={r.options[k]} (row: {v})")
     if not found:
         return None

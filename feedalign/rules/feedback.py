@@ -156,18 +156,13 @@ class UniformSign(PerLayerRule):
         return torch.sign(w).mul_(getattr(layer, feedback_name(weight)))
 
 
-class FixedRandomSign(PerLayerRule):
+class FixedRandomSign(UniformSign):
     """frsf (Moskovitz et al. 2018): dx = δ B, B = |M| ∘ sign(W) of the current W;
-    M = B_0 drawn once (the default initialisation's distribution), |M| stored."""
+    M = B_0 drawn once (the default initialisation's distribution), |M| stored: usf's
+    feedback with a magnitude per weight in place of one scale."""
 
     def attach(self, layer: nn.Module, weight: str, initial: Tensor, bound: float) -> None:
         layer.register_buffer(feedback_name(weight), initial.detach().abs())
-
-    def feedback(self, layer: nn.Module, weight: str, used: bool = True) -> Tensor:
-        if not used:
-            return getattr(layer, feedback_name(weight))
-        w = getattr(layer, weight).detach()
-        return torch.sign(w).mul_(getattr(layer, feedback_name(weight)))
 
 
 class BatchRandomSign(FixedRandomSign):
@@ -193,11 +188,9 @@ class BatchRandomSign(FixedRandomSign):
         layer.register_load_state_dict_post_hook(_forget_clocks)
 
     def feedback(self, layer: nn.Module, weight: str, used: bool = True) -> Tensor:
-        if not used:  # no draw either: t counts the draws a backward used
-            return getattr(layer, feedback_name(weight))
-        if layer.training and torch.is_grad_enabled():
+        if used and layer.training and torch.is_grad_enabled():  # t counts the draws a backward read
             self._redraw(layer, weight)
-        return super().feedback(layer, weight)
+        return super().feedback(layer, weight, used)
 
     def _redraw(self, layer: nn.Module, weight: str) -> None:
         name = feedback_name(weight)
