@@ -138,10 +138,10 @@ def deviations_line(groups: list[Group]) -> str | None:
     made with `--set init=xavier` in a row that leaves init alone is named too. An option
     missing from a run's options.json (one that predates the option) is not compared."""
     defaults = {f.name: f.default if f.default is not MISSING else f.default_factory()
-                for f in fields(Options)}  # fmt: skip
+                for f in fields(Options) if f.name not in RUN_LOCAL}  # fmt: skip
     found: dict[str, set[str]] = {}
     for g in groups:
-        want = {k: v for k, v in {**defaults, **g.row_options}.items() if k not in RUN_LOCAL}
+        want = defaults | {k: v for k, v in g.row_options.items() if k not in RUN_LOCAL}
         for r in g.runs:
             for k, v in want.items():
                 if r.options and k in r.options and r.options[k] != v:

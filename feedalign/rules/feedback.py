@@ -150,8 +150,8 @@ class UniformSign(PerLayerRule):
                                                                   device=initial.device))  # fmt: skip
 
     def feedback(self, layer: nn.Module, weight: str, used: bool = True) -> Tensor:
-        if not used:
-            return getattr(layer, feedback_name(weight))
+        if not used:  # the stored buffer stands in: nothing reads it
+            return super().feedback(layer, weight)
         w = getattr(layer, weight).detach()  # sign(W) has no gradient: keep it off the graph
         return torch.sign(w).mul_(getattr(layer, feedback_name(weight)))
 
