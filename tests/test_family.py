@@ -256,6 +256,55 @@ def test_sign_rules_skip_b_where_the_input_has_no_gradient(kind, rule):
         torch.testing.assert_close(skipped, built, rtol=0, atol=0)
 
 
+class _SeqModel(nn.Module):
+    """A recurrent or attention layer as a first layer: x (N, T, 5) -> a scalar."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer = {
+            "lstm": lambda: nn.LSTM(5, 4, num_layers=2, batch_first=True, bidirectional=True),
+            "grucell": lambda: nn.GRUCell(5, 4),
+            "mha-self": lambda: nn.MultiheadAttention(5, 1, batch_first=True),
+            "mha-cross": lambda: nn.MultiheadAttention(5, 1, batch_first=True),
+            "mha-kvdim": lambda: nn.MultiheadAttention(5, 1, kdim=3, vdim=3, batch_first=True),
+        }[kind]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "lstm":
+            return self.layer(x)[0].sum()
+        if self.kind == "grucell":
+            return self.layer(x[:, 0], self.layer(x[:, 1])).sum()  # the second step's h has a gradient
+        if self.kind == "mha-self":
+            return self.layer(x, x, x)[0].sum()
+        kv = x.flip(1) if self.kind == "mha-cross" else x[..., :3]
+        return self.layer(x, kv, kv, need_weights=False)[0].sum()
+
+
+@pytest.mark.parametrize("rule", SIGN_RULES)
+@pytest.mark.parametrize("kind", ["lstm", "grucell", "mha-self", "mha-cross", "mha-kvdim"])
+def test_sign_rules_skip_b_in_recurrent_and_attention_first_layers(kind, rule):
+    """The same skip in fa's recurrent and attention layers: B_ih (B_in) of a layer
+    fed by an input without gradient is not built, and every weight gradient is
+    exactly that of the path that builds it."""
+    grads = []
+    for needs in (False, True):
+        torch.manual_seed(0)
+        model = feedalign.convert(_SeqModel(kind), rule, seed=100)
+        x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        model(x.requires_grad_(needs)).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if rule == "brsf":
+            first = {"lstm": "weight_ih_l0", "grucell": "weight_ih"}.get(kind, "in_proj_weight")
+            if kind == "mha-kvdim":
+                first = "q_proj_weight"
+            calls = 2 if kind == "grucell" else 1  # the cell runs twice: one draw per call
+            assert int(getattr(model.layer, f"{first}_feedback_step")) == calls * int(needs)
+    assert len(grads[0]) == len(list(model.parameters()))
+    for skipped, built in zip(*grads):
+        torch.testing.assert_close(skipped, built, rtol=0, atol=0)
+
+
 # --- kp -------------------------------------------------------------------------
 
 

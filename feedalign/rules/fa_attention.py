@@ -55,12 +55,18 @@ class FAMultiheadAttention(FALayer, nn.MultiheadAttention):
         biases = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         if not self._qkv_same_embed_dim:
             names = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-            return tuple(fa_linear(x, getattr(self, n), b, feedback_for(self, n))
+            return tuple(fa_linear(x, getattr(self, n), b, feedback_for(self, n, used=x.requires_grad))
                          for x, n, b in zip((query, key, value), names, biases))  # fmt: skip
-        weight, fb = self.in_proj_weight, feedback_for(self, "in_proj_weight")
+        # used=False where no input has a gradient (attention on raw embeddings that are
+        # not trained): the backward never reads B, so the sign rules skip building it
+        used = any(x.requires_grad for x in (query, key, value))
+        weight, fb = self.in_proj_weight, feedback_for(self, "in_proj_weight", used=used)
         if query is key and key is value:  # self-attention: one (3E, E) product
             return fa_linear(query, weight, self.in_proj_bias, fb).chunk(3, dim=-1)
-        inputs = zip((query, key, value), weight.chunk(3), biases, fb.chunk(3))
+        # an unused stand-in may have any shape (usf's is its 0-dim scale); a B of W's
+        # shape is split, also when unused, since kp's B takes a gradient per block
+        fbs = fb.chunk(3) if fb.shape == weight.shape else (fb,) * 3
+        inputs = zip((query, key, value), weight.chunk(3), biases, fbs)
         return tuple(fa_linear(x, w, b, B) for x, w, b, B in inputs)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,

@@ -59,7 +59,10 @@ class FARNNBase(FALayer):
         """x W_{kind}ᵀ + b_{kind} for kind in ih / hh / hr of one layer and direction."""
         name = f"weight_{kind}{suffix}"
         bias = getattr(self, f"bias_{kind}{suffix}") if self.bias and kind != "hr" else None
-        return fa_linear(x, getattr(self, name), bias, feedback_for(self, name))
+        # used: a first layer's input has no gradient, so its B_ih is never read (the
+        # sign rules skip building it). h's B_hh is read from the second step on.
+        used = kind != "ih" or x.requires_grad
+        return fa_linear(x, getattr(self, name), bias, feedback_for(self, name, used=used))
 
     def _cell(self, gi: Tensor, h: Tensor, c: Tensor | None, suffix: str) -> tuple[Tensor, Tensor | None]:
         """One step: gi (N, G·H) precomputed input part, h (N, H_out) -> h', c'."""
@@ -157,7 +160,7 @@ class FARNNCellBase(FALayer):
         elif not batched:
             hx = tuple(t.unsqueeze(0) for t in hx) if lstm else hx.unsqueeze(0)
         h, c = hx if lstm else (hx, None)
-        gi = fa_linear(x, self.weight_ih, self.bias_ih, feedback_for(self, "weight_ih"))
+        gi = fa_linear(x, self.weight_ih, self.bias_ih, feedback_for(self, "weight_ih", used=x.requires_grad))
         gh = fa_linear(h, self.weight_hh, self.bias_hh, feedback_for(self, "weight_hh"))
         h, c = cell_step(mode, gi, gh, h, c)
         if not batched:
