@@ -78,7 +78,7 @@ def main() -> None:
     ms: dict[tuple[str, bool], list[float]] = {k: [] for k in steps}
     for r in range(args.rounds):
         keys = list(steps)
-        for k in keys[r % len(keys):] + keys[: r % len(keys)]:  # rotate the order every round
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:  # rotate the order every round
             steps[k]()  # warm-up
             t = clock()
             for _ in range(args.steps):

@@ -134,8 +134,14 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[2, 4], help="hidden layers (default 2 4)")
     p.add_argument("--hidden", type=int, default=800, help="units per hidden layer (default 800)")
     p.add_argument("--nonlin", default="tanh", help="tanh | sigm | relu (default tanh)")
-    p.add_argument("--rules", nargs="+", choices=tuple(feedalign.RULES), default=list(feedalign.RULES),
-                   metavar="RULE", help=f"rules to time (default all: {' '.join(feedalign.RULES)})")
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        choices=tuple(feedalign.RULES),
+        default=list(feedalign.RULES),
+        metavar="RULE",
+        help=f"rules to time (default all: {' '.join(feedalign.RULES)})",
+    )
     p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--steps", type=int, default=25, help="training steps per block (default 25)")
     p.add_argument("--rounds", type=int, default=40, help="rounds; medians are reported (default 40)")

@@ -68,6 +68,7 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
         return EXIT_FILE, f"error:{where}: {err.strerror or err}; {advice}"
     return None
 
+
 # name -> module providing `register(subparsers)`
 SUBCOMMANDS = {
     "train": "feedalign.train.cli",

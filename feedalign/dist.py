@@ -203,4 +203,3 @@ def average_batchnorm_statistics(model: nn.Module, rt: Runtime) -> None:
             for t in (m.running_mean, m.running_var):
                 dist.all_reduce(t)
                 t.div_(rt.world_size)
-

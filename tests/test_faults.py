@@ -296,7 +296,7 @@ def test_the_library_refuses_the_same_values_with_the_same_words(tmp_path, caplo
     args = {"n_classes": 10} | kw
     with pytest.raises(ValueError) as err:
         feedalign.build_model("mlp", (1, 8, 8), args.pop("n_classes"), **args)
-    (name, value), = kw.items()
+    ((name, value),) = kw.items()
     assert str(err.value).startswith(f"{name} {value!r} is not allowed; it must be ")
     if name != "n_classes":  # the same check, the same words, on the command line
         assert main(digits_args(tmp_path, tmp_path / "run", f"-{name}", str(value))) == EXIT_USAGE

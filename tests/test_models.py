@@ -199,7 +199,7 @@ def test_dfa_learns_from_zero_weights_where_bp_cannot():
 
 
 def test_build_model_feedback_init_chooses_fa_feedback_independent_of_the_weights():
-    """"original": fa's B copies the initial weights (docs/original.md §1; relu keeps W, so
+    """feedback_init "original": fa's B copies the initial weights (docs/original.md §1; relu keeps W, so
     B == W); "random": B is drawn independently (BioTorch's fa), with the init's bound."""
     kw = dict(rule="fa", nonlin="relu", num_layers=1, num_hidden=32, seed=3)
     same = feedalign.build_model("mlp", (1, 8, 8), 10, **kw)

@@ -80,7 +80,7 @@ def test_bad_row_file_is_refused(tmp_path):
         load_suite("cifar10", tmp_path)
     row = {"row": "x", "dataset": "MNIST", "options": {}, "rules": ["bp"], "published": {"bp": {"test": 1.0}}}
     (tmp_path / "mnist" / "x.json").write_text(json.dumps(row))
-    with pytest.raises(ValueError, match="needs \"source\".*\"verified\""):
+    with pytest.raises(ValueError, match='needs "source".*"verified"'):
         load_suite("mnist", tmp_path)
     row["published"] = {}
     row["rule_options"] = {"dfa": {"LR": 1}}
@@ -446,8 +446,15 @@ def test_epoch_time_estimates_come_from_metrics_then_the_row_file(tmp_path):
     (resumed / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "seconds": 5.0}) + "\n"
                                                    for e in (1, 2)))  # fmt: skip
     runs = {r.label: r for r in rn.plan(rows, rules=None, seeds=2, out=out, epochs=10)}
-    work = [(runs[label], rn.decide(runs[label])) for label in
-            ("2x800-tanh/bp/seed2", "2x800-tanh/fa/seed1", "2x800-tanh/dfa/seed1", "1x800-tanh/bp/seed1")]
+    work = [
+        (runs[label], rn.decide(runs[label]))
+        for label in (
+            "2x800-tanh/bp/seed2",
+            "2x800-tanh/fa/seed1",
+            "2x800-tanh/dfa/seed1",
+            "1x800-tanh/bp/seed1",
+        )
+    ]
     est = {e.run.label: e for e in budget.estimate(work, rows, out)}
     same_rule, same_row = est["2x800-tanh/bp/seed2"], est["2x800-tanh/fa/seed1"]
     assert (same_rule.epoch_seconds, same_rule.source) == (3.0, "measured (row/rule)")  # median of 2, 4, 3

@@ -143,7 +143,8 @@ def build_model(
         input_shape=tuple(input_shape),
         error_at=error_at,
         feedback_init=("weights" if spec.original_init else "random")
-        if feedback_init == "original" else feedback_init,
+        if feedback_init == "original"
+        else feedback_init,
         init=feedback_dist,
     )
     if spec.original_init and nonlin in ("tanh", "sigm"):

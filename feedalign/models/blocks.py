@@ -108,7 +108,7 @@ def find_output(model: nn.Module, blocks: list[tuple[str, nn.Module]], output: s
     if not candidates:
         raise ValueError(
             f"{type(model).__name__}: no output layer found outside the blocks {inside}; "
-            "name it with output=\"<module name>\""
+            'name it with output="<module name>"'
         )
     return candidates[-1]
 
@@ -215,7 +215,7 @@ def _place_manual(model, manual, marked, output):
     if output is None:
         raise ValueError(
             "the model holds feedalign.Tap() modules but no output: place feedalign.Output() right after "
-            "the output layer, or pass output=\"<module name>\""
+            'the output layer, or pass output="<module name>"'
         )
     out = Output()
     out.site = find_output(model, [], output)

@@ -87,7 +87,7 @@ def plan(rows: Sequence[Row], *, rules: Sequence[str] | None, seeds: int | None,
 
 
 def missing_networks(rows: Sequence[Row], models_folder: str | None = None) -> list[str]:
-    """"row: network" for every row whose network this feedalign cannot build."""
+    """For every row whose network this feedalign cannot build: "row: network"."""
     from feedalign.models import find_network
 
     missing = []

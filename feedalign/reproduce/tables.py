@@ -126,10 +126,12 @@ def shorter_line(groups: list[Group]) -> str:
 
 # Options that change where a run writes, how fast it goes or what it logs, not what it
 # computes: a run may differ from its row in these without the report saying so.
+# fmt: off
 RUN_LOCAL = frozenset({"epoch", "datapath", "save", "seed", "threads", "quiet", "load", "devid",
                        "nGPU", "modelsFolder", "preProcDir", "tensorboard", "visualize",
                        "memory_format", "compile_optimizer", "alignment",
                        "gradient", "type"})  # gradient: its own column; type: cpu or cuda
+# fmt: on
 
 
 def deviations_line(groups: list[Group]) -> str | None:
@@ -163,8 +165,9 @@ def markdown(groups: list[Group], *, title: str, source: Path, rows: list[Row] |
         "deviation (n−1) over the finished seeds (— for a single seed); where no seed has finished, "
         "over the partial runs, marked *partial* (not comparable with a published final figure). "
         "*best test*: the lowest test error over the epochs (with its epoch for a single run). "
-        "Δ = ours − published, on " + ("the best test error (the figure this table reports)" if best
-                                      else "the final test error") + ".",  # fmt: skip
+        "Δ = ours − published, on "
+        + ("the best test error (the figure this table reports)" if best else "the final test error")
+        + ".",
         "",
         "*verified*: **no** means the published figure was not checked against the publication itself "
         "(recalled or quoted second-hand; see the row file's source) — treat its Δ with care.",

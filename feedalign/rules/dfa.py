@@ -285,7 +285,7 @@ class Output(nn.Module):
         if self.broadcast is None:
             return "not converted"
         n_out = self.feedback.shape[0] if self.ready else "?"
-        site = self.site or 'model'
+        site = self.site or "model"
         return f"{self.rule}, n_out={n_out}, taps={len(self.broadcast.inputs)}, output of {site}"
 
 

@@ -132,4 +132,3 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path} holds no state_dict (found {type(state).__name__})")
     check_same_network(model, state, path)
     model.load_state_dict(state)
-

@@ -117,10 +117,12 @@ class Options:
     optimization: str = option("rmsprop", "optimizer: " + " | ".join(tuple(OPTIMIZERS)))
     epoch: int = option(300, "epochs to train (-1 = unbounded)")
     epoch_step: int = option(-1, "LR halving: -1 never, 0 auto (on no improvement), k > 0 every k epochs")
-    maxInNorm: float = option(MAX_NORM_OFF, f"max L2 norm of each weight slice along the last dim "
-                              f"({MAX_NORM_OFF:g} = off)")
-    maxOutNorm: float = option(MAX_NORM_OFF, f"max L2 norm of each weight slice along dim 0 "
-                               f"({MAX_NORM_OFF:g} = off)")
+    maxInNorm: float = option(
+        MAX_NORM_OFF, f"max L2 norm of each weight slice along the last dim ({MAX_NORM_OFF:g} = off)"
+    )
+    maxOutNorm: float = option(
+        MAX_NORM_OFF, f"max L2 norm of each weight slice along dim 0 ({MAX_NORM_OFF:g} = off)"
+    )
     # --- data (docs/original.md §5) ---
     dataset: str = option("MNIST", "dataset: " + " | ".join(tuple(DATASETS)))
     datapath: str = option("./Datasets/", "folder holding <dataset>/ with the official files")
@@ -148,8 +150,9 @@ class Options:
     alignment: int = option(0, "every N steps log alignment angles with back-prop (0 = off)")
     error_at: str = option("logits", "dfa error: logits (dL/dy) | output (the original's under ce)")
     feedback_init: str = option(
-        "original", "per-layer rules' B_0: original (fa: a copy of the initial W; others: random) | "
-        "random (drawn like the layer's default init) | weights (a copy of the initial W)"
+        "original",
+        "per-layer rules' B_0: original (fa: a copy of the initial W; others: random) | "
+        "random (drawn like the layer's default init) | weights (a copy of the initial W)",
     )
     svhn_extra: bool = option(True, "SVHN: train on train + extra (as the original)")
     amp: str = option("none", "autocast on cuda: none | bf16")
@@ -164,12 +167,14 @@ class Options:
     lr_gamma: float = option(0.1, "LR factor applied at each of lr_milestones")
     resize: int = option(0, "resize images to resize×resize (bilinear) before preprocessing; 0 = as stored")
     init: str = option(
-        "classic", "weight init: classic (U(±1/sqrt(fan_in)), the original's) | xavier (xavier-uniform "
-        "weights, zero biases, per-layer rules' feedback drawn and scaled like it: BioTorch's default)"
+        "classic",
+        "weight init: classic (U(±1/sqrt(fan_in)), the original's) | xavier (xavier-uniform "
+        "weights, zero biases, per-layer rules' feedback drawn and scaled like it: BioTorch's default)",
     )
     memory_format: str = option(
-        "auto", "conv weights' layout: auto (channels_last for networks with 2-d convolutions on the CPU, "
-        "where it is faster) | contiguous | channels_last; the same math either way"
+        "auto",
+        "conv weights' layout: auto (channels_last for networks with 2-d convolutions on the CPU, "
+        "where it is faster) | contiguous | channels_last; the same math either way",
     )
 
     def check(self) -> Options:
