@@ -422,6 +422,71 @@ def test_report_only_from_committed_metrics(tmp_path, caplog):
     assert "Δ = ours − published, on the best test error" in text and (out / "report.png").stat().st_size > 0
 
 
+def test_export_copies_metrics_not_checkpoints_and_never_goes_backwards(tmp_path, caplog):
+    """--export: the small files of every run of the chosen rows (finished and partial) go to
+    DIR/runs/...; checkpoints stay behind; a destination run further along is kept; a run
+    since extended loses its old finished.json; the report is rebuilt in DIR from all its runs."""
+    experiments, scratch, dst = committed_suite(tmp_path), tmp_path / "scratch", tmp_path / "results"
+    src, old = scratch / "runs" / "lenet", dst / "runs" / "lenet"
+    fabricate(src / "bp" / "seed1", epochs=3, budget=3, rule="bp")
+    fabricate(src / "fa" / "seed1", epochs=2, budget=100, rule="fa", finished=False)
+    fabricate(src / "dfa" / "seed1", epochs=5, budget=100, test=0.03, finished=False)
+    fabricate(scratch / "runs" / "other" / "bp" / "seed1", epochs=3, rule="bp")  # not a row of the suite
+    (src / "bp" / "seed2").mkdir()  # started, nothing trained: nothing to export
+    # already in the destination: fa further along than the scratch copy, dfa since extended
+    fabricate(old / "fa" / "seed1", epochs=7, budget=100, rule="fa", finished=False, checkpoint=False)
+    fabricate(old / "dfa" / "seed1", epochs=4, budget=4, checkpoint=False)
+    fabricate(old / "bp" / "seed3", epochs=3, budget=3, rule="bp", checkpoint=False)
+    argv = ["--out", str(scratch), "--report-only", "--export", str(dst)]
+    args = build_parser().parse_args(["reproduce", "mnist", "--experiments", str(experiments), *argv])
+    caplog.set_level("INFO", logger="feedalign")
+    assert args.func(args) == 0
+
+    bp, fa, dfa = (old / rule / "seed1" for rule in ("bp", "fa", "dfa"))
+    assert sorted(p.name for p in bp.iterdir()) == ["finished.json", "metrics.jsonl", "options.json"]
+    assert (bp / "metrics.jsonl").read_bytes() == (src / "bp" / "seed1" / "metrics.jsonl").read_bytes()
+    assert not list(dst.rglob("checkpoint.pt")) and not (dst / "runs" / "other").exists()
+    assert not (old / "bp" / "seed2").exists()
+    assert len((fa / "metrics.jsonl").read_text().splitlines()) == 7  # kept: 7 epochs there, 2 here
+    assert f"export: kept {fa} (7 epochs)" in caplog.text
+    assert len((dfa / "metrics.jsonl").read_text().splitlines()) == 5 and not (dfa / "finished.json").exists()
+    assert "exported to" in caplog.text and "1 finished, 1 partial run(s); kept 1" in caplog.text
+    text = (dst / "report.md").read_text()
+    rows = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| lenet ")}
+    assert "| 2/2 |" in rows["bp"]  # seed 3 was already there
+    assert "| 0/1 | partial (7/100) |" in rows["fa"] and "| 0/1 | partial (5/100) |" in rows["dfa"]
+    assert (src / "bp" / "seed1" / "checkpoint.pt").exists()  # the source is untouched
+
+
+@pytest.mark.parametrize("case", ["same-folder", "dry-run", "link", "corrupt"])
+def test_export_refusals(tmp_path, caplog, case):
+    """Refused with exit 2 and a message, before anything is copied: exporting onto --out,
+    --export with --dry-run, a run directory holding a symbolic link, a run file that is
+    not the JSON the trainer writes (named; the report stops, the file stays)."""
+    experiments, scratch, dst = committed_suite(tmp_path), tmp_path / "scratch", tmp_path / "results"
+    run = fabricate(scratch / "runs" / "lenet" / "bp" / "seed1", epochs=3, budget=3, rule="bp")
+    argv = ["reproduce", "mnist", "--experiments", str(experiments), "--out", str(scratch), "--export"]
+    if case == "same-folder":
+        argv += [str(scratch), "--report-only"]
+    elif case == "dry-run":
+        argv += [str(dst), "--dry-run"]
+    elif case == "link":
+        (tmp_path / "secret.json").write_text('{"not": "a result"}')
+        (run / "runner.json").symlink_to(tmp_path / "secret.json")
+        argv += [str(dst), "--report-only"]
+    else:
+        (run / "runner.json").write_text("{truncated")
+        argv += [str(dst), "--report-only"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 2
+    message = {"same-folder": "is the --out folder itself", "dry-run": "--dry-run runs nothing",
+               "link": "holds symbolic links (runner.json); copy refused",
+               "corrupt": f"error: {run / 'runner.json'}: not valid JSON"}[case]  # fmt: skip
+    assert message in caplog.text
+    assert not (dst / "runs").exists()
+    assert (run / "metrics.jsonl").exists() and (run / "checkpoint.pt").exists()  # nothing lost
+
+
 def test_plan_uses_rule_options_and_skips_rules_this_feedalign_lacks(tmp_path, caplog):
     rows = load_suite("mnist", committed_suite(tmp_path))
     runs = rn.plan(rows, rules=None, seeds=1, out=tmp_path)

@@ -3,6 +3,7 @@
     feedalign reproduce mnist --rows 2x800 --seeds 3 --jobs 4 --datapath DATA
     feedalign reproduce mnist --hours 2.5 --jobs 2      # only what fits in 2.5 hours
     feedalign reproduce mnist --report-only --out results/mnist
+    feedalign reproduce mnist --out /scratch/mnist --export results/mnist   # metrics, no checkpoints
 
 Suites: the folders of feedalign/experiments (mnist, cifar10, cifar100: Nøkland 2016;
 biotorch-mnist, biotorch-fashion, biotorch-cifar10: BioTorch's Benchmarks.md). Expands
@@ -12,7 +13,9 @@ ones are skipped, interrupted ones resumed: the same command continues a stopped
 reproduction), then writes `<out>/report.md` and the figures. --hours estimates each
 run's time from measured epoch times and runs, in table order, only what fits
 (feedalign/reproduce/budget.py). --report-only reads whatever run directories are
-under --out, committed metrics without checkpoints included. docs/reproduce.md has more.
+under --out, committed metrics without checkpoints included. --export copies each run's
+metrics (not its checkpoint) to a folder meant for version control and reports there
+(export.py). docs/reproduce.md has more.
 """
 
 from __future__ import annotations
@@ -74,6 +77,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--report-only", action="store_true", help="write the report from what is there; run nothing"
     )
+    p.add_argument("--export", type=Path, metavar="DIR",
+                   help="afterwards (also when stopped), copy each run's metrics, options and status "
+                        "files, not its checkpoint, to DIR/runs/... and write DIR/report.md")  # fmt: skip
     p.set_defaults(func=run_reproduce)
 
 
@@ -97,7 +103,6 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
     from feedalign.reproduce import runner
-    from feedalign.reproduce.report import write_report
 
     out = args.out or Path(f"reproduce-{args.suite}")
     try:
@@ -110,6 +115,10 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
         if args.hours is not None and args.hours <= 0:
             raise ValueError(f"--hours must be > 0, got {args.hours}")
+        if args.export is not None and args.dry_run:
+            raise ValueError("--export copies what ran; --dry-run runs nothing: use one of them")
+        if args.export is not None and args.export.resolve() == out.resolve():
+            raise ValueError(f"--export {args.export} is the --out folder itself; export to another folder")
         seeds = args.seeds or (1 if args.report_only else None)
         runs = runner.plan(rows, rules=args.rules, seeds=seeds, out=out, epochs=args.epochs,
                            overrides=overrides)  # fmt: skip
@@ -129,8 +138,7 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
         if not out.is_dir():
             log.error(f"error: {out} does not exist; nothing to report")
             return 2
-        write_report(out, **report)
-        return 0
+        return _report(out, report) or _export(out, args, report)
 
     work = [(r, runner.decide(r)) for r in runs]
     todo = [(r, a) for r, a in work if a != "skip"]
@@ -151,7 +159,8 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
             cmd = shlex.join(runner.command(r, action, threads=threads, **kw)) if runs_now else ""
             print(f"{r.label:<40} {show:<7} {cmd}")
         return 0
-    return _execute(todo, out, jobs=jobs, threads=threads, report=report, **kw)
+    status = _execute(todo, out, jobs=jobs, threads=threads, report=report, **kw)
+    return _export(out, args, report) or status
 
 
 def _source(rows: list[Row]) -> str:
@@ -169,7 +178,6 @@ def _within_hours(todo: list, rows: list[Row], out: Path, *, hours: float, jobs:
 
 def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **kw) -> int:
     from feedalign.reproduce import runner
-    from feedalign.reproduce.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     status = 0
@@ -182,5 +190,36 @@ def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **
     except KeyboardInterrupt:
         log.warning("stopped; run the same command again to continue")
         status = 130
-    write_report(out, **report)
-    return status
+    return _report(out, report) or status
+
+
+def _export(out: Path, args: argparse.Namespace, report: dict) -> int:
+    """--export: copy the runs' small files from `out` (export.py) and report in the
+    destination, from every run there (committed ones included). Returns an exit status."""
+    from feedalign.reproduce.export import export
+
+    if args.export is None:
+        return 0
+    dst = args.export
+    try:
+        done = export(out, dst, rows=[r.name for r in report["rows"]], rules=args.rules)
+    except (ValueError, OSError) as err:
+        log.error(f"error: {err}")
+        return 2
+    log.info(f"exported to {dst}: {len(done['finished'])} finished, {len(done['partial'])} partial run(s)"
+             + (f"; kept {len(done['kept'])} that were further along" if done["kept"] else ""))  # fmt: skip
+    expected = [(row, rule, seed, dst / d.relative_to(out)) for row, rule, seed, d in report["expected"]]
+    return _report(dst, report | {"expected": expected})
+
+
+def _report(folder: Path, report: dict) -> int:
+    """Write folder/report.md and the figures; a run file that is not what the trainer
+    writes (report.py names it) is exit status 2, after the runs themselves are safe."""
+    from feedalign.reproduce.report import write_report
+
+    try:
+        write_report(folder, **report)
+    except ValueError as err:
+        log.error(f"error: {err}")
+        return 2
+    return 0

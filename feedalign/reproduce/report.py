@@ -226,7 +226,19 @@ def write_report(root: Path, *, rows: list[Row] | None = None,
 
 
 def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """One of a run's small JSON files; None where absent. Anything but a JSON object
+    (a hand edit, a file from elsewhere) is a ValueError naming the file."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        value, problem = None, f"not valid JSON ({err})"
+    else:
+        problem = None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+    if problem:
+        raise ValueError(f"{path}: {problem}; restore it (from version control?) or remove its run folder")
+    return value
 
 
 def _finite(x) -> bool:
@@ -249,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         log.error(f"error: {args.folder} is not a folder")
         return 2
-    write_report(args.folder, title=args.title)
+    try:
+        write_report(args.folder, title=args.title)
+    except ValueError as err:  # a run's file is not what the trainer writes
+        log.error(f"error: {err}")
+        return 2
     return 0
 
 
