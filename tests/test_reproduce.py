@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from feedalign.cli import build_parser
+from feedalign.cli import build_parser, main
 from feedalign.reproduce import parse_overrides, run_reproduce
 from feedalign.reproduce import runner as rn
 from feedalign.reproduce.experiments import SUITES, load_suite, select_rows
@@ -462,7 +462,8 @@ def test_export_copies_metrics_not_checkpoints_and_never_goes_backwards(tmp_path
 def test_export_refusals(tmp_path, caplog, case):
     """Refused with exit 2 and a message, before anything is copied: exporting onto --out,
     --export with --dry-run, a run directory holding a symbolic link, a run file that is
-    not the JSON the trainer writes (named; the report stops, the file stays)."""
+    not the JSON the trainer writes (named; the report stops, the file stays). Exit 2 for
+    the options, 4 for the files (docs/faults.md)."""
     experiments, scratch, dst = committed_suite(tmp_path), tmp_path / "scratch", tmp_path / "results"
     run = fabricate(scratch / "runs" / "lenet" / "bp" / "seed1", epochs=3, budget=3, rule="bp")
     argv = ["reproduce", "mnist", "--experiments", str(experiments), "--out", str(scratch), "--export"]
@@ -477,8 +478,7 @@ def test_export_refusals(tmp_path, caplog, case):
     else:
         (run / "runner.json").write_text("{truncated")
         argv += [str(dst), "--report-only"]
-    args = build_parser().parse_args(argv)
-    assert args.func(args) == 2
+    assert main(argv) == (2 if case in ("same-folder", "dry-run") else 4)
     message = {"same-folder": "is the --out folder itself", "dry-run": "--dry-run runs nothing",
                "link": "holds symbolic links (runner.json); copy refused",
                "corrupt": f"error: {run / 'runner.json'}: not valid JSON"}[case]  # fmt: skip

@@ -103,6 +103,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
     from feedalign.reproduce import runner
+    from feedalign.reproduce.report import write_report
 
     out = args.out or Path(f"reproduce-{args.suite}")
     try:
@@ -138,7 +139,8 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
         if not out.is_dir():
             log.error(f"error: {out} does not exist; nothing to report")
             return 2
-        return _report(out, report) or _export(out, args, report)
+        write_report(out, **report)
+        return _export(out, args, report)
 
     work = [(r, runner.decide(r)) for r in runs]
     todo = [(r, a) for r, a in work if a != "skip"]
@@ -178,6 +180,7 @@ def _within_hours(todo: list, rows: list[Row], out: Path, *, hours: float, jobs:
 
 def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **kw) -> int:
     from feedalign.reproduce import runner
+    from feedalign.reproduce.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     status = 0
@@ -190,36 +193,23 @@ def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **
     except KeyboardInterrupt:
         log.warning("stopped; run the same command again to continue")
         status = 130
-    return _report(out, report) or status
+    write_report(out, **report)
+    return status
 
 
 def _export(out: Path, args: argparse.Namespace, report: dict) -> int:
     """--export: copy the runs' small files from `out` (export.py) and report in the
-    destination, from every run there (committed ones included). Returns an exit status."""
+    destination, from every run there (committed ones included). A run file that cannot
+    be used raises RunFileError, which the command line turns into exit 4."""
     from feedalign.reproduce.export import export
+    from feedalign.reproduce.report import write_report
 
     if args.export is None:
         return 0
     dst = args.export
-    try:
-        done = export(out, dst, rows=[r.name for r in report["rows"]], rules=args.rules)
-    except (ValueError, OSError) as err:
-        log.error(f"error: {err}")
-        return 2
+    done = export(out, dst, rows=[r.name for r in report["rows"]], rules=args.rules)
     log.info(f"exported to {dst}: {len(done['finished'])} finished, {len(done['partial'])} partial run(s)"
              + (f"; kept {len(done['kept'])} that were further along" if done["kept"] else ""))  # fmt: skip
     expected = [(row, rule, seed, dst / d.relative_to(out)) for row, rule, seed, d in report["expected"]]
-    return _report(dst, report | {"expected": expected})
-
-
-def _report(folder: Path, report: dict) -> int:
-    """Write folder/report.md and the figures; a run file that is not what the trainer
-    writes (report.py names it) is exit status 2, after the runs themselves are safe."""
-    from feedalign.reproduce.report import write_report
-
-    try:
-        write_report(folder, **report)
-    except ValueError as err:
-        log.error(f"error: {err}")
-        return 2
+    write_report(dst, **(report | {"expected": expected}))
     return 0

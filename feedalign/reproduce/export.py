@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from feedalign.files import atomic_write
-from feedalign.train.runlog import FINISHED, read_metrics
+from feedalign.train.runlog import FINISHED, RunFileError, read_metrics
 
 log = logging.getLogger("feedalign")
 KEPT = ("metrics.jsonl", "options.json", "env.json", FINISHED, "runner.json")  # small, no weights
@@ -50,7 +50,7 @@ def export(src: Path, dst: Path, *, rows: Sequence[str], rules: Sequence[str] | 
             continue
         links = [name for name in KEPT if (run_dir / name).is_symlink()]
         if links:  # a run directory is data: a link could smuggle any file into the results
-            raise ValueError(f"export: {run_dir} holds symbolic links ({', '.join(links)}); copy refused")
+            raise RunFileError(f"export: {run_dir} holds symbolic links ({', '.join(links)}); copy refused")
         target.mkdir(parents=True, exist_ok=True)
         for name in KEPT:
             if (run_dir / name).exists():

@@ -14,7 +14,6 @@ directory is grouped under its parent folder's name, with its rule from options.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 from feedalign.files import atomic_write_text
 from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, Row, find_row
 from feedalign.rules import RULES
-from feedalign.train.runlog import read_metrics
+from feedalign.train.runlog import RunFileError, read_json, read_metrics
 
 log = logging.getLogger("feedalign")
 MARKERS = ("options.json", "metrics.jsonl", "checkpoint.pt", "runner.json")  # any makes a run directory
@@ -226,19 +225,9 @@ def write_report(root: Path, *, rows: list[Row] | None = None,
 
 
 def _json(path: Path) -> dict | None:
-    """One of a run's small JSON files; None where absent. Anything but a JSON object
-    (a hand edit, a file from elsewhere) is a ValueError naming the file."""
-    if not path.exists():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        value, problem = None, f"not valid JSON ({err})"
-    else:
-        problem = None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
-    if problem:
-        raise ValueError(f"{path}: {problem}; restore it (from version control?) or remove its run folder")
-    return value
+    """One of a run's small JSON files; None where absent; RunFileError (naming the file)
+    for anything but the JSON object the trainer writes."""
+    return read_json(path) if path.exists() else None
 
 
 def _finite(x) -> bool:
@@ -263,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         write_report(args.folder, title=args.title)
-    except ValueError as err:  # a run's file is not what the trainer writes
+    except RunFileError as err:  # a run's file is not what the trainer writes
         log.error(f"error: {err}")
-        return 2
+        return 4  # feedalign.cli.EXIT_FILE
     return 0
 
 
