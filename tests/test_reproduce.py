@@ -16,6 +16,7 @@ from feedalign.reproduce import parse_overrides, run_reproduce
 from feedalign.reproduce import runner as rn
 from feedalign.reproduce.experiments import SUITES, load_suite, select_rows
 from feedalign.reproduce.report import find_runs, group_runs, write_report
+from feedalign.reproduce.report import main as report_main
 
 MNIST_ROWS = ["7x240-tanh", "100x240-tanh", "1x800-tanh", "2x800-tanh", "3x800-tanh", "4x800-tanh",
               "2x800-logistic", "2x800-relu", "2x800-tanh-dropout", "2x800-tanh-adversarial"]  # fmt: skip
@@ -485,6 +486,8 @@ def test_export_refusals(tmp_path, caplog, case):
     assert message in caplog.text
     assert not (dst / "runs").exists()
     assert (run / "metrics.jsonl").exists() and (run / "checkpoint.pt").exists()  # nothing lost
+    if case == "corrupt":  # the report's own entry point says the same
+        assert report_main([str(scratch)]) == 4
 
 
 def test_plan_uses_rule_options_and_skips_rules_this_feedalign_lacks(tmp_path, caplog):
