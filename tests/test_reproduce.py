@@ -457,6 +457,19 @@ def test_export_copies_metrics_not_checkpoints_and_never_goes_backwards(tmp_path
     assert "| 2/2 |" in rows["bp"]  # seed 3 was already there
     assert "| 0/1 | partial (7/100) |" in rows["fa"] and "| 0/1 | partial (5/100) |" in rows["dfa"]
     assert (src / "bp" / "seed1" / "checkpoint.pt").exists()  # the source is untouched
+    # an export of one row and rule still reports the whole suite from what the destination holds
+    mlp = json.loads((experiments / "mnist" / "lenet.json").read_text()) | {"row": "mlp"}
+    (experiments / "mnist" / "mlp.json").write_text(json.dumps(mlp))
+    mlp_bp = dst / "runs" / "mlp" / "bp" / "seed1"
+    fabricate(mlp_bp, epochs=2, budget=2, test=0.04, rule="bp", checkpoint=False)
+    fabricate(src / "fa" / "seed1", epochs=9, budget=100, rule="fa", finished=False)
+    argv = ["--experiments", str(experiments), "--rows", "lenet", "--rules", "fa", *argv]
+    assert main(["reproduce", "mnist", *argv]) == 0
+    lines = [line for line in (dst / "report.md").read_text().splitlines() if line.startswith("| ")]
+    rows = {line.split("|")[2].strip(): line for line in lines if line.startswith("| lenet ")}
+    assert "| 0/1 | partial (9/100) |" in rows["fa"] and "| 2/2 |" in rows["bp"]
+    assert any(line.startswith("| mlp | bp | 4.00 ± — |") for line in lines)
+    assert any(line.startswith("| mlp | fa | missing |") for line in lines)  # the table stays whole
 
 
 @pytest.mark.parametrize("case", ["same-folder", "dry-run", "link", "corrupt"])

@@ -198,9 +198,11 @@ def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **
 
 
 def _export(out: Path, args: argparse.Namespace, report: dict) -> int:
-    """--export: copy the runs' small files from `out` (export.py) and report in the
-    destination, from every run there (committed ones included). A run file that cannot
-    be used raises RunFileError, which the command line turns into exit 4."""
+    """--export: copy the chosen runs' small files from `out` (export.py), then report in the
+    destination on the whole suite, from every run there (earlier exports included), as
+    `--report-only --out DIR` would. A run file that cannot be used raises RunFileError,
+    which the command line turns into exit 4."""
+    from feedalign.reproduce import runner
     from feedalign.reproduce.export import export
     from feedalign.reproduce.report import write_report
 
@@ -210,6 +212,7 @@ def _export(out: Path, args: argparse.Namespace, report: dict) -> int:
     done = export(out, dst, rows=[r.name for r in report["rows"]], rules=args.rules)
     log.info(f"exported to {dst}: {len(done['finished'])} finished, {len(done['partial'])} partial run(s)"
              + (f"; kept {len(done['kept'])} that were further along" if done["kept"] else ""))  # fmt: skip
-    expected = [(row, rule, seed, dst / d.relative_to(out)) for row, rule, seed, d in report["expected"]]
-    write_report(dst, **(report | {"expected": expected}))
+    rows = load_suite(args.suite, args.experiments)
+    expected = [(r.row, r.rule, r.seed, r.dir) for r in runner.plan(rows, rules=None, seeds=1, out=dst)]
+    write_report(dst, **(report | {"rows": rows, "expected": expected}))
     return 0
