@@ -38,14 +38,17 @@ def export(src: Path, dst: Path, *, rows: Sequence[str], rules: Sequence[str] | 
     done: dict[str, list[str]] = {"finished": [], "partial": [], "kept": []}
     for run_dir in sorted(src.glob("runs/*/*/seed*")):
         row, rule = run_dir.parent.parent.name, run_dir.parent.name
-        if row not in rows or (rules and rule not in rules) or not read_metrics(run_dir):
+        if row not in rows or (rules and rule not in rules):
+            continue
+        have = progress(run_dir)
+        if not have[0]:  # started, no epoch trained yet
             continue
         label = f"{row}/{rule}/{run_dir.name}"
         target = dst / "runs" / row / rule / run_dir.name
-        if progress(target) > progress(run_dir):
-            epochs, finished = progress(target)
-            log.warning(f"export: kept {target} ({epochs} epochs{', finished' if finished else ''}): "
-                        f"{run_dir} is behind it ({progress(run_dir)[0]} epochs)")  # fmt: skip
+        there = progress(target)
+        if there > have:
+            log.warning(f"export: kept {target} ({there[0]} epochs{', finished' if there[1] else ''}): "
+                        f"{run_dir} is behind it ({have[0]} epochs)")  # fmt: skip
             done["kept"].append(label)
             continue
         links = [name for name in KEPT if (run_dir / name).is_symlink()]
@@ -58,5 +61,5 @@ def export(src: Path, dst: Path, *, rows: Sequence[str], rules: Sequence[str] | 
                 atomic_write(target / name, lambda f, data=data: f.write(data))
             else:  # e.g. finished.json of an older export whose run was since extended
                 (target / name).unlink(missing_ok=True)
-        done["finished" if (run_dir / FINISHED).exists() else "partial"].append(label)
+        done["finished" if have[1] else "partial"].append(label)
     return done

@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         log.error(f"error: {args.folder} is not a folder")
         return 2
+    from feedalign.cli import EXIT_FILE
+
     try:
         write_report(args.folder, title=args.title)
     except RunFileError as err:  # a run's file is not what the trainer writes
         log.error(f"error: {err}")
-        return 4  # feedalign.cli.EXIT_FILE
+        return EXIT_FILE
     return 0
 
 

@@ -90,7 +90,7 @@ class Optimizer:
 
 
 def parse_milestones(text: str) -> tuple[int, ...]:
-    """ "50,75" -> (50, 75); "" -> (). Epochs must be positive integers, strictly increasing."""
+    """Milestones: "50,75" -> (50, 75); "" -> (). Positive integer epochs, strictly increasing."""
     if not text.strip():
         return ()
     try:
