@@ -140,7 +140,8 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
             log.error(f"error: {out} does not exist; nothing to report")
             return 2
         write_report(out, **report)
-        return _export(out, args, report)
+        _export(out, args, report)
+        return 0
 
     work = [(r, runner.decide(r)) for r in runs]
     todo = [(r, a) for r, a in work if a != "skip"]
@@ -162,7 +163,8 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
             print(f"{r.label:<40} {show:<7} {cmd}")
         return 0
     status = _execute(todo, out, jobs=jobs, threads=threads, report=report, **kw)
-    return _export(out, args, report) or status
+    _export(out, args, report)
+    return status
 
 
 def _source(rows: list[Row]) -> str:
@@ -197,7 +199,7 @@ def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **
     return status
 
 
-def _export(out: Path, args: argparse.Namespace, report: dict) -> int:
+def _export(out: Path, args: argparse.Namespace, report: dict) -> None:
     """--export: copy the chosen runs' small files from `out` (export.py), then report in the
     destination on the whole suite, from every run there (earlier exports included), as
     `--report-only --out DIR` would. A run file that cannot be used raises RunFileError,
@@ -207,7 +209,7 @@ def _export(out: Path, args: argparse.Namespace, report: dict) -> int:
     from feedalign.reproduce.report import write_report
 
     if args.export is None:
-        return 0
+        return
     dst = args.export
     done = export(out, dst, rows=[r.name for r in report["rows"]], rules=args.rules)
     log.info(f"exported to {dst}: {len(done['finished'])} finished, {len(done['partial'])} partial run(s)"
@@ -215,4 +217,3 @@ def _export(out: Path, args: argparse.Namespace, report: dict) -> int:
     rows = load_suite(args.suite, args.experiments)
     expected = [(r.row, r.rule, r.seed, r.dir) for r in runner.plan(rows, rules=None, seeds=1, out=dst)]
     write_report(dst, **(report | {"rows": rows, "expected": expected}))
-    return 0
