@@ -15,7 +15,7 @@ from feedalign.cli import build_parser, main
 from feedalign.reproduce import parse_overrides, run_reproduce
 from feedalign.reproduce import runner as rn
 from feedalign.reproduce.experiments import SUITES, load_suite, select_rows
-from feedalign.reproduce.report import find_runs, group_runs, write_report
+from feedalign.reproduce.report import find_runs, group_runs, read_run, write_report
 from feedalign.reproduce.report import main as report_main
 
 MNIST_ROWS = ["7x240-tanh", "100x240-tanh", "1x800-tanh", "2x800-tanh", "3x800-tanh", "4x800-tanh",
@@ -421,6 +421,23 @@ def test_report_only_from_committed_metrics(tmp_path, caplog):
     assert "| rule not in this feedalign |" in rows["nosuchrule"]
     assert "| 5.00 | **no** |" in rows["nosuchrule"]
     assert "Δ = ours − published, on the best test error" in text and (out / "report.png").stat().st_size > 0
+
+
+# runner.json's returncode -> status: stopped from outside, then the trainer's own faults
+STOPS = [(None, "unfinished"), (130, "unfinished"), (143, "unfinished"), (-15, "unfinished"),
+         (-9, "unfinished"), (3, "failed"), (4, "failed"), (1, "failed")]  # fmt: skip
+
+
+@pytest.mark.parametrize("returncode, status", STOPS)
+def test_a_run_stopped_from_outside_is_partial_not_failed(tmp_path, returncode, status):
+    """Ctrl-C, SIGTERM to the trainer (143) or a signal that killed it (Popen's -N) leave a
+    resumable partial run; only the trainer's own faults (diverged 3, bad file 4, bug 1) fail."""
+    run = fabricate(tmp_path / "bp" / "seed1", epochs=4, budget=300, rule="bp", finished=False)
+    (run / "runner.json").write_text(json.dumps({"action": "fresh", "returncode": returncode}))
+    result = read_run(run)
+    assert result.status == status
+    expected = "partial (4/300 epochs)" if status == "unfinished" else f"failed (exit {returncode}, epoch 4;"
+    assert result.describe().startswith(expected)
 
 
 def test_export_copies_metrics_not_checkpoints_and_never_goes_backwards(tmp_path, caplog):

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feedalign.cli import EXIT_FILE, EXIT_INTERRUPTED, EXIT_TERMINATED
 from feedalign.files import atomic_write_text
 from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, Row, find_row
 from feedalign.rules import RULES
@@ -82,7 +83,7 @@ def read_run(
     finished = _json(run_dir / "finished.json")
     runner = _json(run_dir / "runner.json") or {}
     rc = runner.get("returncode")
-    status = "finished" if finished is not None else "failed" if rc not in (None, 0, 130) else "unfinished"
+    status = "finished" if finished is not None else "failed" if _failed(rc) else "unfinished"
     last = records[-1] if records else {}
     curve = [(r["epoch"], 100 * r["test_error"]) for r in records if _finite(r.get("test_error"))]
     best_epoch, best = min(curve, key=lambda c: c[1]) if curve else (None, None)
@@ -105,6 +106,13 @@ def read_run(
         curve=curve,
         alignment=[(r["epoch"], r["alignment"]) for r in records if r.get("alignment")],
     )
+
+
+def _failed(returncode: int | None) -> bool:
+    """A run that ended by its own fault (diverged, a bad file, a bug: exit 1-5). One stopped
+    from outside is partial, not failed: Ctrl-C (130), SIGTERM (143) or killed by a signal
+    (negative: Popen's -N for signal N); it keeps its last checkpoint and resumes."""
+    return returncode is not None and returncode > 0 and returncode not in (EXIT_INTERRUPTED, EXIT_TERMINATED)
 
 
 def find_runs(root: Path) -> list[RunResult]:
@@ -250,8 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.folder.is_dir():
         log.error(f"error: {args.folder} is not a folder")
         return 2
-    from feedalign.cli import EXIT_FILE
-
     try:
         write_report(args.folder, title=args.title)
     except RunFileError as err:  # a run's file is not what the trainer writes
