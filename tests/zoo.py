@@ -98,3 +98,54 @@ def adam_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) 
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+class Conv1D(nn.Module):
+    """transformers' Conv1D: a weight of shape (in, out), y = addmm(b, x, w)."""
+
+    def __init__(self, n_out: int, n_in: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return y.view(*x.shape[:-1], -1)
+
+
+class GPTBlock(nn.Module):
+    """GPT-2-shaped: fused qkv through Conv1D, causal attention, an MLP of Conv1Ds."""
+
+    def __init__(self, d: int, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = Conv1D(3 * d, d), Conv1D(d, d)
+        self.c_fc, self.mlp_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
+
+    def forward(self, x):  # (N, T, d)
+        n, t, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (z.view(n, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, t, d)
+        x = x + self.c_proj(a)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class GPT(nn.Module):
+    """Token and position embeddings, GPT blocks in a ModuleList, a head tied to the token
+    embedding (an nn.Linear sharing its Parameter, as transformers and nanoGPT tie it)."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, layers: int = 2, context: int = 6):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.h = nn.ModuleList(GPTBlock(d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):  # (N, T) token ids -> (N, T, vocab) logits
+        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from feedalign.models.blocks import BlockSpec, convert_direct
-from feedalign.rules import RULES, check_rule, fa_guard
+from feedalign.rules import RULES, calls, check_rule
 from feedalign.rules.dfa import DFAOutput
 from feedalign.rules.fa import (
     FABilinear,
@@ -31,7 +31,14 @@ from feedalign.rules.fa import (
 )
 from feedalign.rules.fa_attention import FAMultiheadAttention
 from feedalign.rules.fa_recurrent import FAGRU, FALSTM, FARNN, FAGRUCell, FALSTMCell, FARNNCell
-from feedalign.rules.feedback import feedback_for, feedback_name, generator, uniform, xavier_bound
+from feedalign.rules.feedback import (
+    add_feedback,
+    feedback_for,
+    generator,
+    init_bound,
+    uniform,
+    xavier_bound,
+)
 
 TRAINABLE = (nn.Linear, nn.Conv2d)  # the layers build_model initialises (docs/original.md §1)
 ERROR_AT = ("logits", "output")
@@ -94,18 +101,19 @@ def convert(
 
 
 def feedback(model: nn.Module) -> list[Tensor]:
-    """The feedback matrices in forward order: per-layer rules — for each weight a
-    layer handles, the B its backward uses now (the weight's shape; computed from W
-    for usf / frsf / brsf, so writing into those changes nothing); direct rules —
-    B_i of shape (n_outputs, n_i); bp — empty."""
+    """The feedback matrices in module order: per-layer rules — for each weight the
+    rule trains, the B its backward uses now (the weight's shape; computed from W for
+    usf / frsf / brsf, so writing into those changes nothing; a weight outside torch's
+    layer kinds once a training forward has used it as one); direct rules — B_i of
+    shape (n_outputs, n_i); bp — empty."""
     out: list[Tensor] = []
     with torch.no_grad():  # no side effects: brsf redraws only in a training forward
         for m in model.modules():
             if isinstance(m, DFAOutput):
                 out.extend(m.split())
-            for name, _ in m.named_parameters(recurse=False):
-                if hasattr(m, feedback_name(name)):
-                    out.append(feedback_for(m, name).detach())
+        for m, name, status in calls.rule_weights(model).values():
+            if status in ("layer", "calls"):
+                out.append(feedback_for(m, name).detach())
     return out
 
 
@@ -144,14 +152,18 @@ def _torch_base(cls: type[nn.Module]) -> type[nn.Module] | None:
 
 
 def _unsupported(m: nn.Module) -> str | None:
-    """Why fa cannot train module `m`'s weights itself (None: it can, or `m` has no weight of its own)."""
-    cls = type(m)
+    """Why fa cannot train module `m`'s weights (None: it can, or `m` has no weight of its own)."""
     if isinstance(m, nn.modules.lazy.LazyModuleMixin):
         return "a lazy module: run one forward pass before converting"
-    base = _torch_base(cls)
-    if base is not None and cls.forward is not base.forward and not isinstance(m, FALayer):
-        return f"its class overrides {base.__name__}.forward"
     return None
+
+
+def _has_twin(m: nn.Module) -> bool:
+    """A torch layer kind whose forward is torch's own (subclasses included): its twin's
+    forward uses B. A subclass with its own forward keeps it; rules/calls.py follows
+    the calls that forward makes."""
+    base = _torch_base(type(m))
+    return base is not None and (type(m).forward is base.forward or isinstance(m, FALayer))
 
 
 def _fa_twin(layer: nn.Module) -> None:
@@ -181,24 +193,41 @@ def _rebuild_twin(cls: type[nn.Module]) -> nn.Module:
     return nn.Module.__new__(twin_class(cls))
 
 
-def _fa_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers fa converts, in named_modules order; refuses, by name, what it cannot train."""
-    found, bad, inside = [], [], set()
+def _fa_layers(model: nn.Module) -> tuple[list[nn.Module], list[tuple[nn.Module, str, Tensor]]]:
+    """What fa converts: the layers that get a twin (named_modules order), and every other
+    weight as (owner, attribute, parameter) — a trainable float parameter of ≥ 2 dims
+    outside the twins, not an nn.Embedding's table (indexed, not multiplied; a table
+    tied to an output layer is that layer's weight). Refuses, by name, what it cannot train."""
+    twins, bad, inside = [], [], set()
     for name, m in model.named_modules():
         if id(m) in inside:  # out_proj of an attention layer: the attention twin trains it
             continue
         why = _unsupported(m)
         if why is not None:
             bad.append(f"{name or '<root>'} ({type(m).__name__}: {why})")
-        elif _torch_base(type(m)) is not None:
-            found.append(m)
-            inside.update(id(c) for c in m.modules() if c is not m)
+        elif _has_twin(m):
+            twins.append(m)
+            inside.update(id(c) for c in m.modules())
     if bad:
         raise ValueError(f"fa cannot train these layers' weights: {'; '.join(bad)}")
-    if not found:
+    seen = {id(p) for m in twins for p in m.parameters()}
+    others = []
+    for m in model.modules():
+        if id(m) in inside:
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad or not p.is_floating_point() or p.dim() < 2:
+                continue
+            seen.add(id(p))
+            if not isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+                others.append((m, pname, p))
+    if not twins and not others:
         kinds = ", ".join(c.__name__ for c in FA_TWINS)
-        raise ValueError(f"fa: the model has no layer with weights to train by fa ({kinds})")
-    return found
+        raise ValueError(
+            f"fa: the model has no layer with weights to train by fa"
+            f" (a parameter of ≥ 2 dims; layers: {kinds})"
+        )
+    return twins, others
 
 
 def _fa_generator(gen: torch.Generator | None) -> torch.Generator:
@@ -221,17 +250,23 @@ def _convert_fa(model: nn.Module, rule: str, rfb_mag: float, gen: torch.Generato
     """
     if feedback_init not in FEEDBACK_INITS:
         raise ValueError(f"feedback_init must be one of {FEEDBACK_INITS}, got {feedback_init!r}")
-    layers = _fa_layers(model)
+    layers, others = _fa_layers(model)
     gen = _fa_generator(gen)
 
     def initial(w: Tensor, bound: float) -> Tensor:
         if rfb_mag > 0:
             return uniform(w.shape, rfb_mag, gen, dtype=w.dtype, device=w.device)
         if feedback_init == "weights":
-            return w.clone()
+            return w.detach().clone()
         return uniform(w.shape, bound, gen, dtype=w.dtype, device=w.device)
 
     for layer in layers:
         _fa_twin(layer)
         layer.fa_setup(rule, initial, FEEDBACK_BOUNDS[init])
-    fa_guard.install(model)
+    bound_of = (
+        FEEDBACK_BOUNDS[init] or init_bound
+    )  # Linear's default U(±1/√fan_in), fan_in = numel / shape[0]
+    for owner, name, w in others:
+        bound = bound_of(w.detach())
+        add_feedback(owner, name, initial(w.detach(), bound), rule, bound)
+    calls.install(model, rule)

@@ -49,6 +49,9 @@ def backprop(model: nn.Module) -> Iterator[nn.Module]:
     comparing a rule's update with the true gradient (alignment diagnostics). Nests safely.
     """
     switched = [m for m in model.modules() if getattr(m, "rule_active", False)]
+    # the call follower of a per-layer rule (rules/calls.py), one per model, kept in __dict__
+    followers = {id(f): f for m in model.modules() if (f := m.__dict__.get("_fa_calls")) is not None}
+    switched += [f for f in followers.values() if f.rule_active]
     for m in switched:
         m.rule_active = False
     try:

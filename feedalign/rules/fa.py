@@ -61,8 +61,16 @@ class FALinearFunction(torch.autograd.Function):
 
 
 def fa_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor) -> Tensor:
-    """F.linear whose input error goes through `feedback` in place of `weight`."""
-    return FALinearFunction.apply(x, weight, bias, feedback)
+    """F.linear whose input error goes through `feedback` in place of `weight`.
+
+    The Function sees 2-d inputs only: F.linear of a (*, in) input returns a view of a
+    2-d product, and a view made inside a Function's forward may not be modified in
+    place (`ReLU(inplace=True)`, `h += 1` after the layer); reshaped outside it, the
+    output is an ordinary autograd view."""
+    if x.dim() == 2:
+        return FALinearFunction.apply(x, weight, bias, feedback)
+    y = FALinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, feedback)  # (N, out)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class FABilinearFunction(torch.autograd.Function):
