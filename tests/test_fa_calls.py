@@ -28,19 +28,6 @@ def _float64():
     torch.set_default_dtype(torch.float32)
 
 
-class Conv1D(nn.Module):
-    """transformers' Conv1D: weight (in, out), y = addmm(b, x, w)."""
-
-    def __init__(self, n_out: int, n_in: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.3)
-        self.bias = nn.Parameter(torch.zeros(n_out))
-
-    def forward(self, x):
-        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
-        return y.view(*x.shape[:-1], -1)
-
-
 class Use(nn.Module):
     """One weight (6, 4) used by `how`; y has 6 features per position."""
 
@@ -49,7 +36,7 @@ class Use(nn.Module):
         self.how = how
         self.lin = nn.Linear(4, 6)
         self.w = nn.Parameter(torch.randn(6, 4) * 0.3)
-        self.conv1d = Conv1D(6, 4)
+        self.conv1d = zoo.Conv1D(6, 4)
 
     def weight(self) -> torch.Tensor:
         return (
