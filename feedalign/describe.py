@@ -109,7 +109,7 @@ def describe(model: nn.Module) -> str:
     for tap in taps:
         sizes = tap.broadcast.sizes if tap.broadcast is not None else []
         n = sizes[tap.index] if tap.index < len(sizes) else ("-" if tap.broadcast is None else "?")
-        where = f"input of {tap.site}" if tap.site else "placed by hand"
+        where = f"{getattr(tap, 'cuts', 'input')} of {tap.site}" if tap.site else "placed by hand"
         lines.append(f"  tap {tap.index if tap.broadcast is not None else '-'}: {where}, n_i = {n}")
     by_group: dict[str, list[str]] = {}
     for name, group in classify(model).items():

@@ -100,7 +100,7 @@ def test_blocks_are_found_automatically_and_listed(name):
     for block in SITES[name][:-1]:
         assert block in text
     assert f"output: {SITES[name][-1]}" in text
-    assert "dfa_tap" in repr(model)
+    assert "dfa_taps" in repr(model)  # the taps, kept together on the root
 
 
 def test_describe_lists_locally_learning_parameters():
@@ -267,7 +267,7 @@ def test_embedding_input_needs_no_probe_and_feedback_is_lazy_deterministic_and_l
 
 
 def test_token_ids_at_a_tap_get_no_columns():
-    class EmbMlp(nn.Module):  # no recognised block: every weight layer is one
+    class EmbMlp(nn.Module):  # no recognised block: every weight layer but the Embedding is one
         def __init__(self):
             super().__init__()
             self.emb, self.fc1, self.fc2 = nn.Embedding(11, 4), nn.Linear(20, 6), nn.Linear(6, 3)
@@ -275,11 +275,14 @@ def test_token_ids_at_a_tap_get_no_columns():
         def forward(self, ids):
             return self.fc2(torch.tanh(self.fc1(self.emb(ids).flatten(1))))
 
-    model = feedalign.convert(EmbMlp(), "dfa", seed=0)
+    auto = feedalign.convert(EmbMlp(), "dfa", seed=0)
+    assert _sites(auto) == ["fc1", "fc2"]  # an Embedding's input is ids: no tap there
+    model = feedalign.convert(EmbMlp(), "dfa", seed=0, blocks=["emb", "fc1"])  # one named anyway
     assert _sites(model) == ["emb", "fc1", "fc2"]
-    F.cross_entropy(model(_ids()), torch.arange(6) % 3).backward()
-    assert [tuple(b.shape) for b in feedalign.feedback(model)] == [(3, 20), (3, 6)]
-    assert all(p.grad is not None for p in model.parameters())
+    for m in (auto, model):
+        F.cross_entropy(m(_ids()), torch.arange(6) % 3).backward()
+        assert [tuple(b.shape) for b in feedalign.feedback(m)] == [(3, 20), (3, 6)]
+        assert all(p.grad is not None for p in m.parameters())
 
 
 def test_blocks_by_name_or_predicate_and_a_tap_that_drops_the_positions_is_refused():

@@ -1,136 +1,123 @@
 """Where the direct rules (dfa, drtp, shallow) put their taps, on any nn.Module.
 
-A tap sits at every block boundary and cuts the graph there; the output layer's
-output gets the `Output` that broadcasts the signal (feedalign/rules/dfa.py).
-Which modules are blocks (docs/models.md, "Your own model"):
+A tap cuts the graph at every block boundary; the Output after the output layer
+broadcasts the signal (feedalign/rules/dfa.py). Which modules are the blocks and the
+output layer: feedalign/models/structure.py. How the taps are placed:
 
-1. nn.Sequential (nested allowed; today's behaviour): a block runs from one
-   trainable child (a weight layer, or a child holding weight layers) up to the
-   next; a tap sits right before every trainable child but the first, i.e. after
-   the previous block's nonlinearity, dropout and pooling. The last trainable
-   child is the output layer. Taps and Output are inserted as children.
-2. Any other module: the blocks are `blocks=` (module names, or a predicate
-   `(name, module) -> bool`), or, found top-down (a block is not searched inside):
-   nn.TransformerEncoderLayer / DecoderLayer, nn.RNN / LSTM / GRU, a module whose
-   class name ends in "Block" or "Bottleneck" (torchvision's BasicBlock and
-   Bottleneck, timm's Block), a module with children `attn` and `mlp`; if there is
-   none, every weight layer (Linear, Conv, recurrent) is a block. The output layer
-   is `output=` or the last weight layer (in registration order) outside the blocks.
-   A tap sits at the input of every block and of the output layer, attached with
-   forward hooks; the modules are added as children `dfa_tap` / `dfa_output` (so
-   they show in the model's repr; an nn.Sequential takes them as its first / last
-   child, since its forward runs every child) and no parameter changes its state_dict name.
+1. An nn.Sequential model (nested allowed; no blocks=, output=, taps="micro"): a block
+   runs from one trainable child (a weight layer, or a child holding weight layers) up
+   to the next; a tap sits right before every trainable child but the first, i.e. after
+   the previous block's nonlinearity, dropout and pooling. The last trainable child is
+   the output layer. Taps and Output are inserted as children, into nn.Sequentials whose
+   forward is torch's only (any other child is one unit).
+2. Any other module: a tap at the input of every block and of the output layer,
+   attached by forward pre-hooks. taps="micro" adds, in every transformer block, a tap
+   at the output of each attention sub-module (Launay et al. 2020): with the tap at the
+   block's input, that cuts the residual stream right after the attention; the tap
+   after the MLP is the next block's (or the output layer's). The taps are kept in one
+   list on the root, `model.dfa_taps`, not inside the modules they cut: a container
+   whose forward runs its children (DenseNet's ModuleDict block, any ModuleList or
+   Sequential) never sees them. The Output is the output layer's child `dfa_output`
+   (its buffer saved as `<output layer>.dfa_output.feedback`) run by a forward hook;
+   an nn.Sequential output layer runs it as its last child; another container's goes
+   into `dfa_taps`. No parameter changes its state_dict name. A tap fed the model's own
+   input (a first block on the images) or token ids gets no columns of B.
 3. Taps placed by hand: `feedalign.Tap()` modules in the model and one
-   `feedalign.Output()` (or `output=`) — used as they are.
+   `feedalign.Output()` (or `output=`), used as they are.
+
+An output layer whose output has its classes in dim 1 (a convolution, (N, C, H, W):
+squeezenet's 1×1 conv head, pooled and flattened afterwards) has e taken at the model's
+output, which must then be (N, C) (checked at the first pass).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from feedalign.models.structure import (
+    BlockSpec,
+    attention_of,
+    classes_first,
+    find_blocks,
+    find_output,
+    holds_weights,
+    is_weight_layer,
+    iterates,
+    runs_children,
+)
 from feedalign.rules.dfa import SIGNALS, Broadcast, Output, Tap
 
-WEIGHT_LAYERS = (
-    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase, nn.Embedding, nn.MultiheadAttention
-)  # fmt: skip
-BLOCK_TYPES = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.RNNBase)
-BLOCK_SUFFIXES = ("Block", "Bottleneck")
-BlockSpec = Sequence[str] | Callable[[str, nn.Module], bool] | None
+__all__ = ["BlockSpec", "TAPS", "TapList", "convert_direct"]
+TAPS = ("macro", "micro")  # one tap per block; or also one after each attention sub-module
+INPUT_NAMES = ("hidden_states", "x", "input")  # a block's input passed by keyword
 
 
-def is_weight_layer(m: nn.Module) -> bool:
-    return isinstance(m, WEIGHT_LAYERS) or hasattr(m, "feedback_rule")
+class TapList(nn.ModuleList):
+    """`model.dfa_taps`: the taps placed by hooks, in tap order. Its forward is the
+    identity, so that a root nn.Sequential may run it as a layer."""
+
+    def forward(self, x):
+        return x
 
 
-def holds_weights(m: nn.Module) -> bool:
-    return any(is_weight_layer(c) for c in m.modules())
+# --- hooks (module-level functions bound by partial: deepcopy and pickle keep them valid) ---
 
 
-def is_block(name: str, m: nn.Module) -> bool:
-    """The automatic rule (2) above."""
-    if isinstance(m, BLOCK_TYPES):
-        return True
-    if type(m).__name__.endswith(BLOCK_SUFFIXES) and holds_weights(m):
-        return True
-    children = dict(m.named_children())
-    return "attn" in children and "mlp" in children
+def _cut_input(tap: Tap, module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: the block's input (its first argument, or one of INPUT_NAMES)
+    passes through `tap`; every other argument that is the same tensor (attention's key
+    and value in self-attention) is cut with it."""
+    if args:
+        x = args[0]
+    else:
+        key = next((k for k in INPUT_NAMES if k in kwargs), None)
+        if key is None:
+            raise RuntimeError(
+                f"tap at {tap.site} ({type(module).__name__}): its input must be passed positionally "
+                f"or as one of {', '.join(INPUT_NAMES)}; got only keywords {list(kwargs)}"
+            )
+        x = kwargs[key]
+    cut = tap(x)
+    if cut is x:  # token ids, no grad, or backprop(): nothing to change
+        return None
+    return tuple(cut if a is x else a for a in args), {k: cut if v is x else v for k, v in kwargs.items()}
 
 
-def find_blocks(model: nn.Module, spec: BlockSpec) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the blocks, top-down in registration order."""
-    modules = dict(model.named_modules())
-    if spec is not None and not callable(spec):
-        unknown = [n for n in spec if n not in modules or n == ""]
-        if unknown:
-            raise ValueError(f"blocks: no module named {unknown}; modules are e.g. {list(modules)[1:8]}")
-        return [(n, modules[n]) for n in spec]
-    pick = spec if callable(spec) else is_block
-    found: list[tuple[str, nn.Module]] = []
-
-    def walk(module: nn.Module, prefix: str) -> None:
-        for key, child in module.named_children():
-            name = f"{prefix}{key}"
-            if pick(name, child):
-                found.append((name, child))
-            else:
-                walk(child, name + ".")
-
-    walk(model, "")
-    if not found and spec is None:  # no recognised block: every weight layer is one
-        found = [(n, m) for n, m in modules.items() if n and is_weight_layer(m) and not _inside(n, modules)]
-    return found
+def _cut_output(tap: Tap, module: nn.Module, args: tuple, out):
+    """Forward hook: the sub-module's output (a tensor, or the first item of a tuple, as
+    attention modules return (output, weights)) passes through `tap`."""
+    if isinstance(out, Tensor):
+        return tap(out)
+    if type(out) in (tuple, list) and out and isinstance(out[0], Tensor):
+        return type(out)([tap(out[0]), *out[1:]])
+    raise RuntimeError(
+        f"tap at the output of {tap.site} ({type(module).__name__}): expected a tensor or a tuple "
+        f"starting with one, got {type(out).__name__}"
+    )
 
 
-def _inside(name: str, modules: dict[str, nn.Module]) -> bool:
-    """Whether `name` sits inside another weight layer (e.g. attention's out_proj)."""
-    parts = name.split(".")
-    return any(is_weight_layer(modules[".".join(parts[:i])]) for i in range(1, len(parts)))
+def _note_inputs(tap: Tap, model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the root, until the feedback is drawn: the model's input
+    tensors, so that a tap fed one of them (a first block on the images) gets no columns."""
+    b = tap.broadcast
+    if b is not None and not b.sizes:
+        b.model_inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
 
 
-def find_output(model: nn.Module, blocks: list[tuple[str, nn.Module]], output: str | None) -> str:
-    modules = dict(model.named_modules())
-    if output is not None:
-        if output not in modules or output == "":
-            raise ValueError(f"output: no module named {output!r}; modules are e.g. {list(modules)[1:8]}")
-        return output
-    inside = [n for n, _ in blocks]
-    candidates = [
-        n for n, m in modules.items()
-        if n and is_weight_layer(m) and not isinstance(m, nn.Embedding)
-        and not any(n == b or n.startswith(b + ".") for b in inside) and not _inside(n, modules)
-    ]  # fmt: skip
-    if not candidates and blocks and is_weight_layer(blocks[-1][1]):
-        candidates = [blocks[-1][0]]  # every weight layer was a block: the last one is the output
-    if not candidates:
-        raise ValueError(
-            f"{type(model).__name__}: no output layer found outside the blocks {inside}; "
-            'name it with output="<module name>"'
+def _emit(output: Output, module: nn.Module, args: tuple, y):
+    """Forward hook on the module whose output is y: y passes through the Output."""
+    if not isinstance(y, Tensor):
+        if output.pooled:
+            raise output.unpooled(f"a {type(y).__name__}")
+        raise RuntimeError(
+            f"{output.rule}: the error is taken at the output of {type(module).__name__}, which must be "
+            f'one tensor (the logits), got {type(y).__name__}; name the layer that makes them with output="…"'
         )
-    return candidates[-1]
-
-
-# --- hooks (module-level functions: deepcopy and pickle keep them valid) -----------
-
-
-def _tap_input(module: nn.Module, args: tuple, kwargs: dict):
-    """Cut the block's input; every other argument that is the same tensor (attention's
-    key and value in self-attention) is cut with it."""
-    if not args:
-        raise RuntimeError(f"tap on {type(module).__name__}: its input must be passed positionally")
-    x = args[0]
-    cut = module.dfa_tap(x)
-    args = tuple(cut if a is x else a for a in args)
-    return args, {k: cut if v is x else v for k, v in kwargs.items()}
-
-
-def _output_hook(module: nn.Module, args: tuple, out):
-    if not isinstance(out, Tensor):
-        raise RuntimeError(f"output layer {type(module).__name__} must return one tensor, got {type(out)}")
-    return module.dfa_output(out)
+    return output(y)
 
 
 def _seq_first(m: nn.Module) -> bool:
@@ -155,9 +142,13 @@ def convert_direct(
     output: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     error_at: str = "logits",
+    taps: str = "macro",
 ) -> None:
-    """Put the taps and the Output of a direct rule on `model`, in place (see the
-    module docstring for where). signal: "error" (dfa), "target" (drtp), "none" (shallow)."""
+    """Put the taps and the Output of a direct rule on `model`, in place (see the module
+    docstring for where). signal: "error" (dfa), "target" (drtp), "none" (shallow).
+    taps: "macro" (one per block) or "micro" (also one after each attention sub-module)."""
+    if taps not in TAPS:
+        raise ValueError(f"taps must be one of {', '.join(TAPS)}, got {taps!r}")
     rule = SIGNALS[signal]
     ref = next(model.parameters(), torch.zeros(()))
     if gen is None:  # a fresh seed from the OS, as fa's: torch's global RNG stays untouched
@@ -165,16 +156,20 @@ def convert_direct(
         gen.seed()
     manual = [(n, m) for n, m in model.named_modules() if isinstance(m, Tap)]
     marked = [(n, m) for n, m in model.named_modules() if isinstance(m, Output)]
-    if isinstance(model, nn.Sequential) and blocks is None and output is None and not manual + marked:
-        taps, out = _place_sequential(model, rule, signal, error_at)
+    if (manual or marked) and taps != "macro":
+        raise ValueError(
+            f'taps="{taps}" places the taps itself; this model holds feedalign.Tap()/Output() modules'
+        )
+    if runs_children(model) and blocks is None and output is None and taps == "macro" and not manual + marked:
+        placed, out = _place_sequential(model, rule, signal, error_at)
     elif (manual or marked) and signal != "none":
-        taps, out = _place_manual(model, manual, marked, output)
+        placed, out = _place_manual(model, manual, marked, output)
     else:
-        taps, out = _place_hooks(model, rule, signal, blocks, output, error_at)
+        placed, out = _place_hooks(model, signal, blocks, output, error_at, taps)
     if signal == "none":  # shallow: only the output layer (the cut's site) learns
-        _freeze_all_but(model, dict(model.named_modules())[taps[-1].site])
-    broadcast = Broadcast(len(taps)) if signal != "none" else None
-    for i, tap in enumerate(taps):
+        _freeze_all_but(model, dict(model.named_modules())[placed[-1].site])
+    broadcast = Broadcast(len(placed)) if signal != "none" else None
+    for i, tap in enumerate(placed):
         tap.connect(rule, i, broadcast)
     if out is not None:
         out.connect(rule, broadcast, signal, rfb_mag, gen.get_state())
@@ -207,6 +202,32 @@ def _probe(model: nn.Module, input_shape: tuple[int, ...], ref: Tensor) -> None:
         model.train(was_training)
 
 
+def _hold(model: nn.Module, holder: TapList) -> None:
+    """model.dfa_taps = holder; a root nn.Sequential runs it last, as the identity."""
+    if not len(holder):
+        return
+    if iterates(model) and not runs_children(model):
+        raise ValueError(
+            f"{type(model).__name__}: the model is a container whose own forward may run every child it "
+            "holds, so it cannot hold the taps; convert a module that calls it instead "
+            "(an nn.Module with the model as an attribute)"
+        )
+    model.dfa_taps = holder
+
+
+def _attach_output(layer: nn.Module, out: Output, holder: TapList) -> None:
+    """`out` after `layer`'s output: an nn.Sequential runs it as its last child; any other
+    module by a forward hook, holding it as `dfa_output` unless it iterates its children."""
+    if runs_children(layer):
+        layer.dfa_output = out
+        return
+    if iterates(layer):
+        holder.append(out)
+    else:
+        layer.dfa_output = out
+    layer.register_forward_hook(partial(_emit, out))
+
+
 def _place_manual(model, manual, marked, output):
     if len(marked) > 1:
         raise ValueError(f"the model holds {len(marked)} feedalign.Output() modules; mark one output")
@@ -217,49 +238,54 @@ def _place_manual(model, manual, marked, output):
             "the model holds feedalign.Tap() modules but no output: place feedalign.Output() right after "
             'the output layer, or pass output="<module name>"'
         )
-    out = Output()
+    out, holder = Output(), TapList()
     out.site = find_output(model, [], output)
-    _attach_output(dict(model.named_modules())[out.site], out)
+    _attach_output(dict(model.named_modules())[out.site], out, holder)
+    _hold(model, holder)
     return [m for _, m in manual], out
 
 
-def _place_hooks(model, rule, signal, blocks, output, error_at):
+def _place_hooks(model, signal, blocks, output, error_at, taps):
     found = find_blocks(model, blocks)
     out_name = find_output(model, found, output)
-    modules = dict(model.named_modules())
-    sites = [(n, m) for n, m in found if n != out_name] + [(out_name, modules[out_name])]
+    out_layer = model.get_submodule(out_name)
+    hidden = [(n, m) for n, m in found if n != out_name]
+    cuts = []  # (site, module, "input" | "output", seq_first), in tap order
+    for name, m in hidden:
+        cuts.append((name, m, "input", _seq_first(m)))
+        if taps == "micro" and signal != "none":
+            cuts += [(a, sub, "output", _seq_first(m)) for a, sub in attention_of(name, m)]
+    cuts.append((out_name, out_layer, "input", _seq_first(out_layer)))
     if signal == "none":
-        sites = sites[-1:]  # shallow: one cut, at the output layer's input
-    taps = []
-    for name, m in sites:
+        cuts = cuts[-1:]  # shallow: one cut, at the output layer's input
+    holder = TapList()
+    for site, m, at, seq_first in cuts:
         tap = Tap()
-        tap.site, tap.seq_first = name, _seq_first(m)
-        if isinstance(m, nn.Sequential):  # its forward runs its children: the tap goes first
-            m._modules = OrderedDict([("dfa_tap", tap), *m._modules.items()])
+        tap.site, tap.cuts, tap.seq_first = site, at, seq_first
+        if at == "input":
+            m.register_forward_pre_hook(partial(_cut_input, tap), with_kwargs=True)
         else:
-            m.dfa_tap = tap
-            m.register_forward_pre_hook(_tap_input, with_kwargs=True)
-        taps.append(tap)
-    if signal == "none":
-        return taps, None
-    out = Output()
-    out.site = out_name if error_at == "logits" else ""
-    out.blocks = [n for n, _ in found if n != out_name]
-    _attach_output(modules[out_name] if error_at == "logits" else model, out)
-    return taps, out
-
-
-def _attach_output(holder: nn.Module, out: Output) -> None:
-    holder.dfa_output = out  # a Sequential runs it last by itself; any other module by the hook
-    if not isinstance(holder, nn.Sequential):
-        holder.register_forward_hook(_output_hook)
+            m.register_forward_hook(partial(_cut_output, tap))
+        holder.append(tap)
+    placed = list(holder)
+    out = None
+    if signal != "none":
+        model.register_forward_pre_hook(partial(_note_inputs, placed[0]), with_kwargs=True)
+        out = Output()
+        out.pooled = classes_first(out_layer)  # e at the model's output, which must be (N, C)
+        out.site = out_name if error_at == "logits" else ""
+        out.blocks = [n for n, _ in hidden]
+        _attach_output(model if error_at == "output" or out.pooled else out_layer, out, holder)
+    _hold(model, holder)
+    return placed, out
 
 
 def _leaves(seq: nn.Sequential, prefix: str = "") -> list[tuple[nn.Sequential, str, str, nn.Module]]:
-    """(parent, key, qualified name, module) in forward order, into nested Sequentials."""
+    """(parent, key, qualified name, module) in forward order, into nested Sequentials
+    whose forward is torch's (any other module is one leaf)."""
     out = []
     for key, m in seq.named_children():
-        if isinstance(m, nn.Sequential):
+        if runs_children(m):
             out.extend(_leaves(m, f"{prefix}{key}."))
         else:
             out.append((seq, key, f"{prefix}{key}", m))
@@ -285,12 +311,13 @@ def _place_sequential(model: nn.Sequential, rule: str, signal: str, error_at: st
     out = None
     if signal != "none":
         out = Output()
-        out_parent, out_key, out.site, _ = leaves[trainable[-1]]
+        out_parent, out_key, out.site, out_layer = leaves[trainable[-1]]
         out.blocks = [leaves[i][2] for i in trainable[:-1]]
-        if error_at == "logits":
+        out.pooled = classes_first(out_layer)
+        if error_at == "logits" and not out.pooled:
             after.setdefault((id(out_parent), out_key), []).append(("dfa_output", out))
-        else:
-            out.site = ""
+        else:  # e at the model's output
+            out.site = out.site if error_at == "logits" else ""
             model.add_module("dfa_output", out)
     for pid, parent in parents.items():
         _insert(parent, pid, before, after)

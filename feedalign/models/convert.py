@@ -54,6 +54,7 @@ def convert(
     error_at: str = "logits",
     blocks: BlockSpec = None,
     output: str | None = None,
+    taps: str = "macro",
     feedback_init: str = "random",
     init: str = "default",
 ) -> nn.Module:
@@ -69,6 +70,8 @@ def convert(
     blocks, output: direct rules: the blocks (module names, or a predicate
         (name, module) -> bool) and the output layer's name, instead of the automatic
         choice (docs/models.md, "Your own model"; feedalign.describe lists it).
+    taps: direct rules: "macro" (default), one tap per block; "micro", also one after each
+        transformer block's attention sub-module (Launay et al. 2020; docs/models.md).
     error_at: direct rules only. "logits" (default): e = dL/d(output layer's output).
         "output": e = dL/d(model output), the original's behaviour under `ce`
         (there the gradient w.r.t. log-softmax, -onehot/N; docs/original.md §3 calls it a defect).
@@ -94,7 +97,7 @@ def convert(
             raise ValueError(f"error_at must be one of {ERROR_AT}, got {error_at!r}")
         convert_direct(
             model, spec.signal, rfb_mag, generator(seed),
-            blocks=blocks, output=output, input_shape=input_shape, error_at=error_at,
+            blocks=blocks, output=output, input_shape=input_shape, error_at=error_at, taps=taps,
         )  # fmt: skip
     model.learning_rule = rule  # what rule_of() reports
     return model

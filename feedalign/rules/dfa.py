@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from feedalign.rules.feedback import dfa_bound, uniform
 
 SIGNALS = {"error": "dfa", "target": "drtp", "none": "shallow"}  # signal -> rule name
-IDS = "ids"  # a tap fed integer token ids: nothing upstream can learn, it gets no columns of B
+IDS = "ids"  # a tap fed token ids (or the model's own input): nothing upstream learns, no columns of B
 
 
 def target_signal(e: Tensor, y: Tensor) -> Tensor:
@@ -52,7 +52,31 @@ def target_signal(e: Tensor, y: Tensor) -> Tensor:
     mean over M rows): s = 1/M; an error already taken at the log-softmax output
     (error_at="output": p = 0) is −s·y* itself. When every row is saturated there is
     no scale to read, and ce's mean-reduction s = 1/M is taken.
+
+    A row of zeros whose softmax (or sigmoid) is not exactly one-hot is a masked
+    position (ignore_index, Hugging Face's label -100): its target row is zero, it sends
+    no signal, and M counts the other rows only (ce's mean over the unmasked positions).
     """
+    y = y.detach().to(e.dtype)
+    zero = ~e.bool().any(-1)
+    if not bool(zero.any()):
+        return _target(e, y)
+    saturated = _one_hot(torch.softmax(y[zero], -1)) | _one_hot(torch.sigmoid(y[zero]))
+    masked = zero.clone()
+    masked[zero] = ~saturated
+    out = torch.zeros_like(e)
+    if not bool(masked.all()):
+        out[~masked] = _target(e[~masked], y[~masked])
+    return out
+
+
+def _one_hot(p: Tensor) -> Tensor:
+    """(M, C) -> (M,): whether each row is exactly one-hot."""
+    return ((p == 0) | (p == 1)).all(-1) & ((p == 1).sum(-1) == 1)
+
+
+def _target(e: Tensor, y: Tensor) -> Tensor:
+    """target_signal on rows that are not masked; y: detached, in e's dtype."""
     negative = e < 0
     count = negative.sum(-1)
     saturated = count == 0
@@ -63,14 +87,13 @@ def target_signal(e: Tensor, y: Tensor) -> Tensor:
             "per row (or, where p(target) = 1 exactly, a zero); this error has rows with neither, or several"
         )
     if bool(saturated.any()):
-        at_zero = torch.where(e == 0, y.detach().to(e.dtype), torch.finfo(e.dtype).min)
+        at_zero = torch.where(e == 0, y, torch.finfo(e.dtype).min)
         target = at_zero.argmax(-1)
         negative = negative | (saturated[:, None] & nn.functional.one_hot(target, e.shape[-1]).bool())
     onehot = negative.to(e.dtype)
     rest = e * (1 - onehot)  # s·p_c at the other classes
     if not bool(rest.any()) and not bool(saturated.any()):
         return e  # error_at="output": e = −s·y* already
-    y = y.detach().to(e.dtype)
     tol = 1e-3 * float(e.abs().max())
     if torch.allclose(torch.sigmoid(y) - e, onehot, rtol=0, atol=max(tol, 1e-5)):
         return -onehot  # bce: e = σ(y) − y*, s = 1
@@ -125,6 +148,7 @@ class Broadcast:
         # per tap: None (not seen yet), IDS (fed integers: token ids), or h's shape
         self.shapes: list[torch.Size | str | None] = [None] * n_taps
         self.sizes: list[int] = []  # n_i, fixed when the feedback is drawn
+        self.model_inputs: list[Tensor] = []  # the model's inputs during the first pass (hooked taps)
 
     def __deepcopy__(self, memo):  # copies of a model must not share recorded tensors
         new = Broadcast(len(self.inputs))
@@ -139,7 +163,8 @@ class Tap(nn.Module):
     boundary, mark the output with `feedalign.Output()`, then convert. Before
     conversion, under `feedalign.backprop` and without grad it is the identity.
     Forward when active: records h, returns h.detach(); in backward h receives
-    its slice of the projected signal. A non-floating input (token ids) passes untouched.
+    its slice of the projected signal. A non-floating input (token ids) passes untouched;
+    a tap fed the model's own input (convert's hooked taps) gets no columns of B either.
     """
 
     def __init__(self) -> None:
@@ -149,7 +174,8 @@ class Tap(nn.Module):
         self.index = -1
         self.broadcast: Broadcast | None = None
         self.seq_first = False  # h is (T, N, …): transposed to batch-first when recorded
-        self.site = ""  # the module whose input this tap cuts (set by convert)
+        self.site = ""  # the module whose input (or output, see cuts) this tap cuts (set by convert)
+        self.cuts = "input"  # "output": taps="micro"'s cut after an attention sub-module
 
     def connect(self, rule: str, index: int, broadcast: Broadcast | None) -> None:
         self.rule, self.index, self.broadcast = rule, index, broadcast
@@ -157,11 +183,17 @@ class Tap(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         if self.rule is None:
             return h
+        if not isinstance(h, Tensor):
+            raise TypeError(
+                f"{self.rule}: the tap at the {self.cuts} of {self.site or 'a hand-placed Tap'} got a "
+                f"{type(h).__name__}, not a tensor; choose blocks whose input is one tensor (blocks=...)"
+            )
         b = self.broadcast
-        ids = not (isinstance(h, Tensor) and h.is_floating_point())
+        ids = not h.is_floating_point()
         first = h if ids or not self.seq_first else h.transpose(0, 1)
-        if b is not None and not b.sizes:
-            b.shapes[self.index] = IDS if ids else first.shape  # sizes are learnt at the first pass
+        if b is not None and not b.sizes:  # sizes are learnt at the first pass
+            given = any(h is x for x in b.model_inputs)  # the model's own input: nothing upstream learns
+            b.shapes[self.index] = IDS if ids or given else first.shape
         if ids or not self.rule_active or not torch.is_grad_enabled():
             return h
         if b is not None:
@@ -173,7 +205,10 @@ class Tap(nn.Module):
             return "not converted"
         sizes = self.broadcast.sizes if self.broadcast is not None else []
         n = sizes[self.index] if self.index < len(sizes) else "?"
-        return f"{self.rule}, cut" if self.broadcast is None else f"{self.rule}, index={self.index}, n={n}"
+        where = f", {self.cuts} of {self.site}" if self.site else ""
+        if self.broadcast is None:
+            return f"{self.rule}, cut{where}"
+        return f"{self.rule}, index={self.index}, n={n}{where}"
 
 
 class Output(nn.Module):
@@ -190,6 +225,7 @@ class Output(nn.Module):
         self.gen_state: Tensor | None = None  # the generator's state at conversion
         self.site = ""  # the output layer's name ("": the model's output)
         self.blocks: list[str] = []  # the hidden blocks' names, for describe()
+        self.pooled = False  # the output layer is a convolution: y (the model's output) must be (N, C)
         self.register_buffer("feedback", torch.zeros(0, 0))
 
     def connect(
@@ -245,6 +281,8 @@ class Output(nn.Module):
     def _draw(self, y: Tensor) -> None:
         """Draw B = [B_1 … B_L], B_i ~ U[±1/sqrt(n_i)] (or ±rfb_mag), from the saved
         generator state, once the first pass has shown the sizes n_i."""
+        if self.pooled and y.dim() != 2:
+            raise self.unpooled(str(tuple(y.shape)))
         sizes = self._sizes(y, self.broadcast.shapes)
         n_out = y.shape[-1]
         if tuple(self.feedback.shape) != (0, 0):  # a state_dict was loaded before the first pass: keep its B
@@ -260,6 +298,17 @@ class Output(nn.Module):
             drawn = torch.cat(blocks, dim=1) if blocks else torch.zeros(n_out, 0, dtype=torch.float64)
             self.feedback = drawn.to(dtype=ref.dtype, device=ref.device)
         self.broadcast.sizes = sizes
+        self.broadcast.model_inputs = []
+
+    def unpooled(self, got: str) -> ValueError:
+        """The refusal of a convolutional output layer whose output is not reduced to (N, C)."""
+        return ValueError(
+            f"{self.rule}: the output layer {self.site} is a convolution, whose output has its classes in "
+            f"dim 1, so the error is taken at the model's output; that must be (N, C), and it is {got}. "
+            "Reduce the positions in the model (pool and flatten, as squeezenet does), or name an output "
+            'layer with output="…" whose output is (N, C) or (N, *P, C), classes last; per-position '
+            "convolutional heads (N, C, H, W) are not supported"
+        )
 
     @property
     def ready(self) -> bool:
