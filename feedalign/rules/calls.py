@@ -241,6 +241,9 @@ def _operands(name: str, args: tuple, kwargs: dict) -> list[Tensor]:
         return [t for t in args[1:3] if isinstance(t, Tensor)]
     if name == "einsum":
         return list(_tensors(args[1:], {}))
+    if name == "scaled_dot_product_attention":  # attn_mask is added to the scores (BEiT's position bias)
+        qkv = (*args[:3], *(kwargs.get(k) for k in ("query", "key", "value")[len(args[:3]) :]))
+        return [t for t in qkv if isinstance(t, Tensor)]
     return list(_tensors(args, kwargs))
 
 
