@@ -33,7 +33,7 @@ log = logging.getLogger("zoo_table")
 
 
 def versions() -> str:
-    """torch, the zoos and feedalign (its source folder and git state: the library may be mid-edit)."""
+    """torch, the zoos and feedalign's git state (the library may be mid-edit: "-dirty")."""
     parts = [f"torch {torch.__version__}"]
     for zoo in ZOOS:
         try:
@@ -46,9 +46,7 @@ def versions() -> str:
                              text=True, timeout=10).stdout.strip()  # fmt: skip
     except OSError:
         rev = ""
-    return (
-        ", ".join(parts) + f"; feedalign from {src}" + (f" (git {rev})" if rev else " (not a git checkout)")
-    )
+    return ", ".join(parts) + "; feedalign " + (f"git {rev}" if rev else "(not a git checkout)")
 
 
 def cell_md(text: str, width: int) -> str:

@@ -261,3 +261,22 @@ def test_transformers_models_get_one_tap_per_layer_and_learn_from_their_own_loss
         n for n, g in grads.items() if g is None
     ]
     assert all(n > 0 for n in _taps(model)[0].broadcast.sizes)  # no tap on ids or on the pixels
+
+
+@pytest.mark.parametrize("rule", ["dfa", "fa"])
+def test_gradient_checkpointing_reentrant_or_not_gives_the_same_gradients(rule):
+    """transformers' gradient checkpointing, both kinds: a reentrant checkpoint gives a layer's
+    parameters no gradient unless its input needs one, which a dfa tap's cut input does not."""
+    grads = []
+    ids = _ids(2, 6, 64)
+    for reentrant in (None, False, True):
+        model = _hf("llama")
+        if reentrant is not None:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+        feedalign.convert(model.train(), rule, seed=0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for run in grads[1:]:
+        for g, ref in zip(run, grads[0]):
+            assert g is not None
+            torch.testing.assert_close(g, ref)

@@ -84,7 +84,20 @@ def _cut_input(tap: Tap, module: nn.Module, args: tuple, kwargs: dict):
     cut = tap(x)
     if cut is x:  # token ids, no grad, or backprop(): nothing to change
         return None
+    if _reentrant_checkpoint(module):  # its parameters get a gradient only from inputs that need one
+        cut = cut.requires_grad_()
     return tuple(cut if a is x else a for a in args), {k: cut if v is x else v for k, v in kwargs.items()}
+
+
+def _reentrant_checkpoint(module: nn.Module) -> bool:
+    """transformers' layers with gradient_checkpointing_enable({"use_reentrant": True}): the
+    checkpoint runs inside the layer's call, after this hook. A reentrant checkpoint gives its
+    parameters no gradient unless an input requires one, so the cut input is made a leaf that
+    does (its own gradient is computed, then dropped; the non-reentrant default needs nothing)."""
+    if not getattr(module, "gradient_checkpointing", False) or not module.training:
+        return False
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    return bool(getattr(func, "keywords", {}).get("use_reentrant", False))
 
 
 def _cut_output(tap: Tap, module: nn.Module, args: tuple, out):

@@ -245,7 +245,10 @@ class Output(nn.Module):
         used = [(i, h) for i, (h, n) in enumerate(zip(b.inputs, b.sizes)) if n]
         missing = [i for i, h in used if h is None]
         if missing:
-            raise RuntimeError(f"{self.rule}: taps {missing} saw no input in this forward pass")
+            raise RuntimeError(
+                f"{self.rule}: taps {missing} saw no input with gradients on in this forward pass (a tap "
+                "inside torch.utils.checkpoint(use_reentrant=True) runs with them off: use use_reentrant=False)"
+            )
         b.inputs = [None] * len(b.inputs)  # drop references; the next pass starts clean
         taps = [h for _, h in used]
         self._check(y, taps)
