@@ -17,6 +17,7 @@ import zoo
 from torch import nn
 
 import feedalign
+from feedalign.metrics.alignment import feedback_angles
 from feedalign.rules.calls import rule_weights
 from feedalign.rules.feedback import feedback_name
 
@@ -236,3 +237,12 @@ def test_deepcopy_and_eval_no_grad_keep_working():
         torch.testing.assert_close(p.grad, q.grad)
     with torch.inference_mode():
         model.eval()(x)
+
+
+def test_feedback_angles_cover_the_weights_whose_B_is_read():
+    model = feedalign.convert(zoo.ViT(layer_scale=True), "fa", seed=0)
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    angles = feedback_angles(model)
+    assert "pos_embed" not in angles and "cls_token" not in angles  # added, never multiplied
+    assert {"patch_embed", "head", "blocks.0.attn.in_proj_weight", "blocks.0.mlp.fc1"} <= set(angles)
+    assert len(feedalign.feedback(model)) == len(angles)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from feedalign.rules import backprop
+from feedalign.rules.calls import rule_weights
 from feedalign.rules.feedback import feedback_for, feedback_kept, feedback_name
 
 CHUNK = 1 << 16  # elements per float64 slice in angle()
@@ -159,6 +160,7 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> d
         _restore(stats)
 
     (rule_w, rule_e), (bp_w, bp_e) = passes
+    read = _read_feedback(model)
     out: dict[str, dict[str, float]] = {}
     for key, (name, layer, pname) in found.items():
         if rule_w[key] is None or bp_w[key] is None:
@@ -167,7 +169,7 @@ def alignment(model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module) -> d
         if rule_e[name] and len(rule_e[name]) == len(bp_e[name]):
             metrics["error"] = angle(torch.cat([g.reshape(-1) for g in rule_e[name]]),
                                      torch.cat([g.reshape(-1) for g in bp_e[name]]))  # fmt: skip
-        feedback_angle = _feedback_angle(layer, pname)
+        feedback_angle = _feedback_angle(layer, pname) if (id(layer), pname) in read else None
         if feedback_angle is not None:
             metrics["feedback"] = feedback_angle
         out[key] = metrics
@@ -183,9 +185,16 @@ def _feedback_angle(layer: nn.Module, weight: str = "weight") -> float | None:
         return angle(feedback_for(layer, weight), getattr(layer, weight))
 
 
+def _read_feedback(model: nn.Module) -> set[tuple[int, str]]:
+    """(id(module), weight name) of every B a forward reads (not a B of a position embedding
+    or a class token, which no call multiplies by: rules/calls.py)."""
+    return {(id(m), p) for m, p, status in rule_weights(model).values() if status in ("layer", "calls")}
+
+
 def feedback_angles(model: nn.Module) -> dict[str, float]:
     """{weight key: angle (degrees) between its current B and W} for every weight trained
     by a per-layer rule: no forward pass, cheap enough for every step. 0° = back-prop's
     Wᵀ; 90° = unrelated."""
-    found = weights(model).items()
-    return {key: a for key, (_, m, p) in found if (a := _feedback_angle(m, p)) is not None}
+    read = _read_feedback(model)
+    found = [(key, m, p) for key, (_, m, p) in weights(model).items() if (id(m), p) in read]
+    return {key: a for key, m, p in found if (a := _feedback_angle(m, p)) is not None}
