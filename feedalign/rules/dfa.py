@@ -247,7 +247,8 @@ class Output(nn.Module):
         if missing:
             raise RuntimeError(
                 f"{self.rule}: taps {missing} saw no input with gradients on in this forward pass (a tap "
-                "inside torch.utils.checkpoint(use_reentrant=True) runs with them off: use use_reentrant=False)"
+                "inside torch.utils.checkpoint(use_reentrant=True) runs with them off: use "
+                "use_reentrant=False)"
             )
         b.inputs = [None] * len(b.inputs)  # drop references; the next pass starts clean
         taps = [h for _, h in used]
