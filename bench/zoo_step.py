@@ -8,7 +8,7 @@ rules on the same initial weights.
 llama     Hugging Face LlamaForCausalLM: hidden 256, 4 layers, 4 heads, intermediate
           688, vocab 512; batch 8 × 128 tokens, cross-entropy on every position.
 resnet18  torchvision.models.resnet18 (10 classes) where torchvision imports, else the
-          same layout written below (BasicBlock × [2, 2, 2, 2], 64–512 channels);
+          same layout from bench/resnet_step.py (BasicBlock × [2, 2, 2, 2], 64–512 channels);
           batch 16 of 3×64×64 images.
 
 Each round times `--steps` steps of every variant in turn, in a rotating order (load
