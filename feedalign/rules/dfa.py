@@ -148,11 +148,12 @@ class Broadcast:
         # per tap: None (not seen yet), IDS (fed integers: token ids), or h's shape
         self.shapes: list[torch.Size | str | None] = [None] * n_taps
         self.sizes: list[int] = []  # n_i, fixed when the feedback is drawn
+        self.where: list[str] = [""] * n_taps  # "input of layers.0", for messages
         self.model_inputs: list[Tensor] = []  # the model's inputs during the first pass (hooked taps)
 
     def __deepcopy__(self, memo):  # copies of a model must not share recorded tensors
         new = Broadcast(len(self.inputs))
-        new.shapes, new.sizes = list(self.shapes), list(self.sizes)
+        new.shapes, new.sizes, new.where = list(self.shapes), list(self.sizes), list(self.where)
         return new
 
 
@@ -194,6 +195,7 @@ class Tap(nn.Module):
         if b is not None and not b.sizes:  # sizes are learnt at the first pass
             given = any(h is x for x in b.model_inputs)  # the model's own input: nothing upstream learns
             b.shapes[self.index] = IDS if ids or given else first.shape
+            b.where[self.index] = f"{self.cuts} of {self.site}" if self.site else ""
         if ids or not self.rule_active or not torch.is_grad_enabled():
             return h
         if b is not None:
@@ -266,9 +268,12 @@ class Output(nn.Module):
                 sizes.append(0)
                 continue
             if tuple(s[: len(lead)]) != tuple(lead):
+                where = self.broadcast.where[i] or "placed by hand"
                 raise RuntimeError(
-                    f"{self.rule}: tap {i} sees shape {tuple(s)}, output is {tuple(y.shape)}: a tap must "
-                    f"start with the output's batch (and position) dims {tuple(lead)}"
+                    f"{self.rule}: tap {i} ({where}) sees shape {tuple(s)}, output is {tuple(y.shape)}: "
+                    f"a tap must start with the output's batch (and position) dims {tuple(lead)}. A module "
+                    'that regroups the batch (windowed attention) cannot be cut there: use taps="macro", or '
+                    "blocks= naming modules whose input carries the batch"
                 )
             sizes.append(s[len(lead) :].numel())
         return sizes
