@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from resnet_step import ResNet18  # torchvision's layout, written out (bench/ is the script's folder)
+from throughput import rotation
 from torch import Tensor, nn
 
 import feedalign
@@ -65,11 +66,6 @@ def resnet18() -> Task:
 
 
 TASKS = {"llama": llama, "resnet18": resnet18}
-
-
-def rotation(names: list[str], r: int) -> list[str]:
-    """Round r's order: rotated by r, so that load drifts hit every variant alike."""
-    return names[r % len(names) :] + names[: r % len(names)]
 
 
 def make_step(model: nn.Module, x: Tensor, y: Tensor, loss: Callable) -> Callable[[], None]:

@@ -189,6 +189,7 @@ def test_a_layer_with_its_own_forward_is_followed():
 
 
 MODELS = {"use": lambda: Use("chunk"), "tied": lambda: Tied(False), "conv1d": lambda: Use("addmm"),
+          "qkv": lambda: Use("lin.F.linear(kw)"),  # a layer's weight in its parent's forward (Swin, BEiT)
           "gpt": lambda: zoo.GPT(), "vit": lambda: zoo.ViT(layer_scale=True)}  # fmt: skip
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from feedalign.rules.fa import FALayer
 from feedalign.rules.fa_products import ROUTES
 from feedalign.rules.feedback import feedback_for, feedback_name
 
@@ -83,9 +84,9 @@ class Weights:
                 qual = f"{mname}.{pname}" if mname else pname
                 if hasattr(m, feedback_name(pname)):
                     self.with_b.setdefault(id(p), (m, pname, qual))
-                elif p.requires_grad and id(p) not in self.with_b:
+                elif p.requires_grad:
                     self.other.setdefault(id(p), qual)
-        for k in self.with_b:
+        for k in self.with_b:  # a tied weight seen first where it has no B
             self.other.pop(k, None)
 
 
@@ -198,10 +199,10 @@ class FollowCalls(TorchFunctionMode):
                 self._maybe_derived(name, operands, out)
             return out
         grad_below = any(t.requires_grad for t in data)
-        routable = len(weights) == 1 and name in ROUTES and self.feedback_of_root(weights[0]) is not None
-        if routable:
+        state = self.feedback_of_root(weights[0]) if len(weights) == 1 and name in ROUTES else None
+        if state is not None:
             w = weights[0]
-            if not grad_below and not self.feedback_of_root(w).requires_grad:
+            if not grad_below and not state.requires_grad:
                 out = func(*args, **kwargs)  # no error goes below: the weight's gradient is the true one
             else:
                 out = ROUTES[name](args, kwargs, self.feedback)
@@ -346,8 +347,6 @@ def _exit(module: nn.Module, args, output) -> None:
 def _torch_own(m: nn.Module) -> bool:
     """A module whose forward is torch.nn's own (or a twin's): it multiplies by no weight
     but its own, each through its twin's forward (or, an Embedding, indexes a table)."""
-    from feedalign.rules.fa import FALayer  # fa.py imports nothing from here; kept local all the same
-
     return isinstance(m, FALayer) or type(m).__module__.startswith("torch.nn.")
 
 
@@ -375,8 +374,6 @@ def rule_weights(model: nn.Module) -> dict[str, tuple[nn.Module, str, str]]:
     through the calls a forward made, rules/calls.py), "unused" (a training forward ran
     and never used it as a weight: it learns from the error that reaches it), "pending"
     (no training forward yet: known at the first)."""
-    from feedalign.rules.fa import FALayer  # fa.py imports nothing from here; kept local all the same
-
     follower = follower_of(model)
     reads = follower.reads if follower is not None else {}
     checked = follower is not None and follower.checked
