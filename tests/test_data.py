@@ -140,13 +140,16 @@ def write_stl10(root: Path) -> dict:
 
 def test_registry_names_and_lookup():
     assert dataset_names() == [
-        "MNIST", "FashionMNIST", "Cifar10", "Cifar100", "SVHN", "STL10", "digits",
+        "MNIST", "FashionMNIST", "Cifar10", "Cifar100", "SVHN", "STL10", "digits", "shakespeare_char",
     ]  # fmt: skip
     assert get_dataset("cifar10") is DATASETS["Cifar10"]
     assert get_dataset("DIGITS").name == "digits"
     with pytest.raises(ValueError, match="MNIST, FashionMNIST, Cifar10.*digits"):
         get_dataset("ImageNet")
     for info in DATASETS.values():
+        if info.kind == "text":
+            assert all(len(r.sha256) == 64 and r.digest[0] == "sha256" for r in info.remotes)
+            continue
         assert len(info.classes) == (100 if info.name == "Cifar100" else 10)
         assert all(len(r.md5) == 32 for r in info.remotes)
 

@@ -1,7 +1,8 @@
 """`feedalign download NAME`: fetch, verify and unpack a dataset's official files.
 
 Each file comes from its official address (the registry's `Remote`s) and is checked
-against the publisher's MD5 before anything is installed. Nothing half-written ever
+against the publisher's checksum (MD5, or SHA-256 where
+published) before anything is installed. Nothing half-written ever
 sits where `load_dataset` reads:
 
     download -> a unique temporary in the folder (`feedalign.files.atomic_write`
@@ -59,19 +60,26 @@ def _url(remote: Remote, base_url: str | None) -> str:
     return remote.url if base_url is None else base_url.rstrip("/") + "/" + remote.filename
 
 
+def _hasher(remote: Remote) -> hashlib._Hash:
+    return hashlib.new(remote.digest[0], usedforsecurity=False)
+
+
 def _verify(digest: hashlib._Hash, remote: Remote, what: str, info: DatasetInfo, datapath: Path,
             *, present: bool = False) -> None:  # fmt: skip
-    """Raise ChecksumError unless `digest` is the published MD5; `present`: a file already on disk."""
-    if digest.hexdigest() == remote.md5.lower():
+    """Raise ChecksumError unless `digest` is the published checksum (SHA-256 or MD5);
+    `present`: a file already on disk."""
+    kind, expected = remote.digest
+    kind = kind.upper().replace("SHA256", "SHA-256")
+    if digest.hexdigest() == expected.lower():
         return
     if present:
         raise ChecksumError(
-            f"{what}: already present, but its MD5 is {digest.hexdigest()}, expected {remote.md5}: "
+            f"{what}: already present, but its {kind} is {digest.hexdigest()}, expected {expected}: "
             f"corrupt, truncated or not the official file. Run {download_hint(info, datapath, force=True)} "
             f"to replace it (it is kept until the new copy verifies), or delete it"
         )
     raise ChecksumError(
-        f"{what}: MD5 is {digest.hexdigest()}, expected {remote.md5}; the download is corrupt or not the "
+        f"{what}: {kind} is {digest.hexdigest()}, expected {expected}; the download is corrupt or not the "
         f"official file, so nothing was installed or replaced"
     )
 
@@ -96,11 +104,11 @@ def _fetch_error(err: Exception, url: str, remote: Remote, folder: Path, info: D
 
 
 def _fetch(url: str, out: BinaryIO, remote: Remote, info: DatasetInfo, folder: Path) -> None:
-    """Stream `url` into `out` and check its MD5; a network fault is a DownloadError.
+    """Stream `url` into `out` and check its checksum; a network fault is a DownloadError.
 
     Errors writing `out` (a full disk) stay OSErrors: `download` reports them with the folder.
     """
-    md5 = hashlib.md5(usedforsecurity=False)
+    digest = _hasher(remote)
     with _open(url, remote, folder, info) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=remote.filename,
@@ -113,18 +121,18 @@ def _fetch(url: str, out: BinaryIO, remote: Remote, info: DatasetInfo, folder: P
                 if not chunk:
                     break
                 out.write(chunk)
-                md5.update(chunk)
+                digest.update(chunk)
                 bar.update(len(chunk))
-    _verify(md5, remote, url, info, folder.parent)
+    _verify(digest, remote, url, info, folder.parent)
 
 
 def _verify_local(path: Path, remote: Remote, info: DatasetInfo) -> None:
     """Check a file already on disk against the published checksum."""
-    md5 = hashlib.md5(usedforsecurity=False)
+    digest = _hasher(remote)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            md5.update(chunk)
-    _verify(md5, remote, str(path), info, path.parent.parent, present=True)
+            digest.update(chunk)
+    _verify(digest, remote, str(path), info, path.parent.parent, present=True)
 
 
 def _check_members(archive: tarfile.TarFile, dest: Path) -> None:

@@ -22,9 +22,15 @@ class Remote:
     """One official download: a plain file, or a .tar.gz unpacked into the folder."""
 
     url: str  # the official address
-    md5: str  # as published by the data set's authors
+    md5: str = ""  # as published by the data set's authors (or sha256)
     provides: str = ""  # path (relative to the folder) the download installs
     unpack: bool = False  # a tar archive whose top folder is `provides`
+    sha256: str = ""  # checked instead of md5 where given
+
+    @property
+    def digest(self) -> tuple[str, str]:
+        """(hash name, expected hex digest): SHA-256 where published, else MD5."""
+        return ("sha256", self.sha256) if self.sha256 else ("md5", self.md5)
 
     @property
     def filename(self) -> str:
@@ -44,6 +50,7 @@ class DatasetInfo:
     coarse_classes: tuple[str, ...] | None = None
     # `validate=True` holds out the last n_validation training images (docs/original.md §5: 10k).
     n_validation: int = 10_000
+    kind: str = "image"  # "text": one UTF-8 file of characters (feedalign/data/text.py)
 
 
 DIGIT_NAMES = tuple(str(d) for d in range(10))
@@ -76,6 +83,12 @@ vehicles_1 vehicles_2
 """.split()
 )
 assert len(CIFAR100_NAMES) == 100 and len(CIFAR100_COARSE_NAMES) == 20
+
+
+def _text_not_images(folder: Path, files: Sequence[str], split: str) -> RawSplit:
+    raise formats.DatasetError(
+        f"{folder}: a text dataset has characters, not images; read it with feedalign.data.text.load_text"
+    )
 
 
 def _idx_splits() -> dict[str, tuple[str, ...]]:
@@ -235,6 +248,23 @@ DATASETS: dict[str, DatasetInfo] = {
             # Hold out the last 300 training images: the size of its test split, as
             # 10k is for MNIST and CIFAR.
             n_validation=300,
+        ),
+        DatasetInfo(
+            name="shakespeare_char",
+            folder="tinyshakespeare",  # as char-rnn's data/tinyshakespeare/ holds it
+            reader=_text_not_images,
+            splits={"train": ("input.txt",)},  # split 90/10 by feedalign/data/text.py
+            shape=(),
+            classes=(),
+            sizes={"train": 1_003_854, "test": 111_540},  # characters
+            remotes=(
+                Remote(
+                    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                    sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                    provides="input.txt",
+                ),
+            ),  # fmt: skip
+            kind="text",
         ),
     ]
 }
