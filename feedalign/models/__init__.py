@@ -14,6 +14,7 @@ from feedalign.checks import MODEL_LIMITS, check_limits
 from feedalign.losses import CRITERIA
 from feedalign.models.conv import conv
 from feedalign.models.convert import TRAINABLE, convert, feedback, rule_of
+from feedalign.models.language import gpt, lstm
 from feedalign.models.lenet import lenet
 from feedalign.models.mlp import mlp
 from feedalign.models.resnet import resnet20
@@ -21,8 +22,9 @@ from feedalign.rules import RULES, check_rule
 from feedalign.rules.feedback import fan_in, generator, xavier_bound
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": mlp, "conv": conv, "lenet": lenet, "resnet20": resnet20,
+    "mlp": mlp, "conv": conv, "lenet": lenet, "resnet20": resnet20, "gpt": gpt, "lstm": lstm,
 }  # fmt: skip
+LANGUAGE_MODELS = ("gpt", "lstm")  # token windows (T,) in, (T, vocabulary) out: text datasets
 NONLINS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "sigm": nn.Sigmoid, "relu": nn.ReLU}
 FEEDBACK_SEED_OFFSET = 1_000_003  # feedback draws must not replay the weight stream
 
@@ -94,6 +96,8 @@ def build_model(
     error_at: str = "logits",
     feedback_init: str = "original",
     init: str = "classic",
+    heads: int = 4,
+    dropout_rate: float = 0.0,
 ) -> nn.Module:
     """Build `network` ("mlp" or "conv") for inputs of `input_shape` (C, H, W),
     learning by `rule` (a name in `feedalign.RULES`; the CLI's `-gradient`),
@@ -106,7 +110,10 @@ def build_model(
     per-layer rule (e.g. "random": fa with a B drawn independently of W, as BioTorch).
     init: "classic" (the original's U[±1/sqrt(fan_in)]) or "xavier" (xavier-uniform
     weights, zero biases, and the per-layer rules' feedback drawn and scaled like
-    xavier-uniform: BioTorch's default)."""
+    xavier-uniform: BioTorch's default).
+    A network with its own initialisation (a method `init_weights(generator)`: gpt, lstm)
+    is drawn by it, never zeroed, and "original" gives every per-layer rule a random B.
+    heads, dropout_rate: the language models' attention heads and dropout probability."""
     spec = RULES[check_rule(rule)]
     if feedback_init not in FEEDBACK_INITS:
         allowed = ", ".join(FEEDBACK_INITS)
@@ -121,6 +128,7 @@ def build_model(
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     build = find_network(network, models_folder)
+    language = {"heads": heads, "dropout_rate": dropout_rate} if build in (gpt, lstm) else {}
     model = build(
         tuple(input_shape),
         n_classes,
@@ -131,23 +139,32 @@ def build_model(
         batchnorm=batchnorm,
         bias=bias,
         log_softmax=CRITERIA[criterion][1],
+        **language,
     )
     init_weights, feedback_dist = INITS[init]
-    init_weights(model, generator(seed))
+    own_init = callable(getattr(model, "init_weights", None))
+    if own_init:
+        model.init_weights(generator(seed))
+    else:
+        init_weights(model, generator(seed))
     fb_seed = None if seed is None else seed + FEEDBACK_SEED_OFFSET
     convert(
         model,
         rule,
         rfb_mag=rfb_mag,
         seed=fb_seed,
-        input_shape=tuple(input_shape),
+        input_shape=None if language else tuple(input_shape),  # token ids: probed below
         error_at=error_at,
-        feedback_init=("weights" if spec.original_init else "random")
+        feedback_init=("weights" if spec.original_init and not own_init else "random")
         if feedback_init == "original"
         else feedback_init,
         init=feedback_dist,
     )
-    if spec.original_init and nonlin in ("tanh", "sigm"):
+    if language and spec.kind == "direct":
+        with torch.no_grad():  # one pass on token ids draws the direct rules' B now, as input_shape does
+            model.eval()(torch.zeros(2, *input_shape, dtype=torch.long)).sum()
+            model.train()
+    if spec.original_init and nonlin in ("tanh", "sigm") and not own_init:
         with torch.no_grad():  # docs/original.md §1: dfa learns from a zero initial condition
             for m in model.modules():
                 if isinstance(m, TRAINABLE):
