@@ -40,11 +40,26 @@ class BCE(nn.Module):
         return _SummedGradBCE.apply(logits, onehot)
 
 
+class PerPosition(nn.Module):
+    """`inner` on outputs (N, *P, C) and targets (N, *P): every position is a row, so the
+    mean runs over N·|P| positions (a language model's loss per character)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batch_reduction = getattr(inner, "batch_reduction", "mean")
+
+    def forward(self, out: Tensor, target: Tensor) -> Tensor:
+        return self.inner(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
 # name -> (loss factory, whether the network ends in LogSoftmax)
 CRITERIA = {"bce": (BCE, False), "ce": (nn.NLLLoss, True)}
 
 
-def make_criterion(name: str) -> nn.Module:
+def make_criterion(name: str, *, per_position: bool = False) -> nn.Module:
+    """The loss `name`; per_position: for (N, T, C) outputs, averaged over every position."""
     if name not in CRITERIA:
         raise ValueError(f"unknown criterion {name!r}; choose one of {', '.join(CRITERIA)}")
-    return CRITERIA[name][0]()
+    criterion = CRITERIA[name][0]()
+    return PerPosition(criterion) if per_position else criterion

@@ -38,9 +38,12 @@ def test_windows_and_targets():
     x, y = windows(ids, 5, torch.tensor([0, 10]))
     assert x.tolist() == [[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]]
     assert torch.equal(y, x + 1)
-    a, b = eval_windows(ids, 8, 50), eval_windows(ids, 8, 50)
-    assert torch.equal(a[0], b[0]) and a[0].shape == (50, 8)  # fixed and seeded
-    assert not torch.equal(eval_windows(ids, 8, 50, seed=1)[0], a[0])
+    a, b = eval_windows(ids, 8), eval_windows(ids, 8)
+    assert torch.equal(a[0], b[0])  # fixed: the same set every time
+    starts = a[0][:, 0]
+    assert (starts.diff() == 8).all() and starts[0] < 8 and starts[-1] + 8 + 8 >= 100  # the split, tiled
+    assert not torch.equal(eval_windows(ids, 8, seed=3)[0], a[0])  # another seed: another offset
+    assert eval_windows(ids, 8, 4)[0].shape == (4, 8)  # a seeded sample of the tiles
 
 
 def test_window_loader_is_a_function_of_seed_epoch_batch():

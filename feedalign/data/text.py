@@ -119,11 +119,19 @@ def windows(ids: Tensor, context: int, starts: Tensor) -> tuple[Tensor, Tensor]:
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def eval_windows(ids: Tensor, context: int, n: int, seed: int = EVAL_SEED) -> tuple[Tensor, Tensor]:
-    """The fixed validation set: n windows at offsets drawn by a generator seeded with `seed`."""
+def eval_windows(ids: Tensor, context: int, n: int = 0, seed: int = EVAL_SEED) -> tuple[Tensor, Tensor]:
+    """The fixed validation set: `ids` cut into consecutive windows of `context` characters
+    from an offset in [0, context) drawn by a generator seeded with `seed`, so that every
+    character is predicted once, at every position of a window equally often; n > 0: a
+    seeded sample of n of those windows (all of them when n is 0 or larger)."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(ids) - context, (n,), generator=gen).to(ids.device)
-    return windows(ids, context, starts)
+    shift = int(torch.randint(context, (1,), generator=gen))
+    if len(ids) - shift < context + 1:
+        shift = 0
+    starts = torch.arange(shift, len(ids) - context, context)
+    if 0 < n < len(starts):
+        starts = starts[torch.randperm(len(starts), generator=gen)[:n]].sort().values
+    return windows(ids, context, starts.to(ids.device))
 
 
 class WindowLoader:

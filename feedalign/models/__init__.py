@@ -98,6 +98,7 @@ def build_model(
     init: str = "classic",
     heads: int = 4,
     dropout_rate: float = 0.0,
+    taps: str = "macro",
 ) -> nn.Module:
     """Build `network` ("mlp" or "conv") for inputs of `input_shape` (C, H, W),
     learning by `rule` (a name in `feedalign.RULES`; the CLI's `-gradient`),
@@ -113,7 +114,8 @@ def build_model(
     xavier-uniform: BioTorch's default).
     A network with its own initialisation (a method `init_weights(generator)`: gpt, lstm)
     is drawn by it, never zeroed, and "original" gives every per-layer rule a random B.
-    heads, dropout_rate: the language models' attention heads and dropout probability."""
+    heads, dropout_rate: the language models' attention heads and dropout probability.
+    taps: direct rules, convert's: "macro" (one tap per block) or "micro" (also after attention)."""
     spec = RULES[check_rule(rule)]
     if feedback_init not in FEEDBACK_INITS:
         allowed = ", ".join(FEEDBACK_INITS)
@@ -155,6 +157,7 @@ def build_model(
         seed=fb_seed,
         input_shape=None if language else tuple(input_shape),  # token ids: probed below
         error_at=error_at,
+        taps=taps,
         feedback_init=("weights" if spec.original_init and not own_init else "random")
         if feedback_init == "original"
         else feedback_init,

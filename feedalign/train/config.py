@@ -22,6 +22,7 @@ from feedalign import rules
 from feedalign.checks import MODEL_LIMITS, Limit, check_limits, finite_above, finite_at_least, int_at_least
 from feedalign.checks import one_of as one_of_ints
 from feedalign.data import DATASETS
+from feedalign.data.text import is_text
 from feedalign.losses import CRITERIA
 from feedalign.models import FEEDBACK_INITS, INITS, NONLINS
 from feedalign.models.convert import ERROR_AT
@@ -29,6 +30,8 @@ from feedalign.preprocess import FORMATS, NORMALIZATIONS
 from feedalign.train.optim import MAX_NORM_OFF, OPTIMIZERS
 
 TYPES = ("float", "cuda")
+LR_SCHEDULES = ("none", "cosine")
+TAPS = ("macro", "micro")
 AMP = ("none", "bf16")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 SEED_LIMIT = 2**63  # seeds are int64 tensors across ranks; torch takes up to 2**64 - 1
@@ -50,6 +53,7 @@ def _choices() -> dict[str, tuple[str, ...]]:
         "optimization": tuple(OPTIMIZERS), "normalization": tuple(NORMALIZATIONS),
         "format": tuple(FORMATS), "type": TYPES, "amp": AMP, "error_at": tuple(ERROR_AT),
         "feedback_init": FEEDBACK_INITS, "memory_format": MEMORY_FORMATS, "init": tuple(INITS),
+        "lr_schedule": LR_SCHEDULES, "taps": TAPS,
     }  # fmt: skip
 
 
@@ -65,6 +69,12 @@ LIMITS: dict[str, Limit] = MODEL_LIMITS | {
     "visualize": one_of_ints(0, 1), "alignment": int_at_least(0),
     "lr_gamma": finite_above(0), "resize": int_at_least(0),
     "seed": (lambda v: v is None or (isinstance(v, int) and 0 <= v < SEED_LIMIT), "in [0, 2**63)"),
+    "heads": int_at_least(1), "context": int_at_least(1), "iterations": int_at_least(0),
+    "eval_every": int_at_least(1), "eval_windows": int_at_least(0), "warmup": int_at_least(0),
+    "min_lr": finite_at_least(0), "clip": finite_at_least(0),
+    "dropout_rate": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
+    "beta1": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)"),
 }  # fmt: skip
 
 _TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool, "int | None": (int, type(None))}
@@ -106,16 +116,47 @@ class Options:
         "U[±1/sqrt(n_i)], n_i = tap size), X > 0: U[-X, X]",
     )
     gradient: str = option("dfa", f"learning rule: {' | '.join(rules.RULES)} (docs/rules.md)")
+    taps: str = option(
+        "macro",
+        "direct rules (dfa, drtp): macro = one tap per block | micro = also one after each "
+        "transformer block's attention (Launay et al. 2020)",
+    )
+    heads: int = option(4, "attention heads of gpt (count; -num_hidden must be a multiple)")
+    context: int = option(64, "language models: window length in characters (tokens)")
+    dropout_rate: float = option(0.0, "language models: dropout probability (nanoGPT's dropout)")
     # --- optimisation (docs/original.md §4) ---
     eps: float = option(0.0, "adversarial (fast gradient sign) step, in preprocessed input units; 0 off")
     accGradient: int = option(0, "1 = add the clean gradient to the adversarial one (if eps > 0)")
     LR: float = option(1e-4, "learning rate")
     LRDecay: float = option(0.0, "LR decay per step: lr_t = LR / (1 + t·LRDecay) (sgd, adam, adagrad)")
-    weightDecay: float = option(0.0, "L2 penalty added to the gradient (coefficient)")
+    weightDecay: float = option(
+        0.0,
+        "L2 penalty added to the gradient (coefficient); adamw: decoupled decay, on weights of ≥ 2 dims only",
+    )
     momentum: float = option(0.0, "momentum (sgd only)")
     batchSize: int = option(64, "mini-batch size (samples)")
     optimization: str = option("rmsprop", "optimizer: " + " | ".join(tuple(OPTIMIZERS)))
-    epoch: int = option(300, "epochs to train (-1 = unbounded)")
+    epoch: int = option(300, "epochs to train (-1 = unbounded); text data: set from -iterations")
+    iterations: int = option(
+        0,
+        "text data: training iterations, one batch of -batchSize windows each "
+        "(required there; image data trains for -epoch)",
+    )
+    eval_every: int = option(250, "text data: evaluate (and checkpoint) every N iterations")
+    eval_windows: int = option(
+        0,
+        "text data: validation windows per evaluation: 0 = the whole validation split, cut into windows "
+        "at a seeded offset (the same for every run); N = a seeded sample of N of them",
+    )
+    beta1: float = option(0.9, "adam, adamw: first-moment decay β1")
+    beta2: float = option(0.999, "adam, adamw: second-moment decay β2")
+    warmup: int = option(0, "iterations of linear LR warm-up from LR/(warmup+1) to LR (0 = none)")
+    lr_schedule: str = option(
+        "none",
+        "per-iteration LR decay: none | cosine (from LR after -warmup to -min_lr at the last of -iterations)",
+    )
+    min_lr: float = option(0.0, "-lr_schedule cosine: the LR reached at the last iteration")
+    clip: float = option(0.0, "clip the global L2 norm of the gradient to this before each step (0 = off)")
     epoch_step: int = option(-1, "LR halving: -1 never, 0 auto (on no improvement), k > 0 every k epochs")
     maxInNorm: float = option(
         MAX_NORM_OFF, f"max L2 norm of each weight slice along the last dim ({MAX_NORM_OFF:g} = off)"
@@ -124,7 +165,10 @@ class Options:
         MAX_NORM_OFF, f"max L2 norm of each weight slice along dim 0 ({MAX_NORM_OFF:g} = off)"
     )
     # --- data (docs/original.md §5) ---
-    dataset: str = option("MNIST", "dataset: " + " | ".join(tuple(DATASETS)))
+    dataset: str = option(
+        "MNIST",
+        "dataset: " + " | ".join(tuple(DATASETS)) + " | a UTF-8 text file (a path ending .txt or with /)",
+    )
     datapath: str = option("./Datasets/", "folder holding <dataset>/ with the official files")
     normalization: str = option("scale", "normalization: " + " | ".join(tuple(NORMALIZATIONS)))
     format: str = option("rgb", "colour format: " + " | ".join(FORMATS))
@@ -186,14 +230,17 @@ class Options:
                     f"-{name} {getattr(self, name)!r} is not allowed; choose one of {', '.join(allowed)}"
                 )
         ds = {d.lower(): d for d in DATASETS}
-        if self.dataset.lower() not in ds:
-            raise OptionError(f"-dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
-        self.dataset = ds[self.dataset.lower()]
+        if self.dataset.lower() in ds:
+            self.dataset = ds[self.dataset.lower()]
+        elif not is_text(self.dataset):
+            raise OptionError(f"-dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}, "
+                              "or give a text file's path")  # fmt: skip
         check_limits(self.to_dict(), LIMITS, prefix="-", error=OptionError)
         if self.batchnorm and self.batchSize == 1:
             raise OptionError("-batchSize 1 with -batchnorm: BatchNorm cannot normalise a batch of one "
                               "sample; use -batchSize 2 or more, or -batchnorm 0")  # fmt: skip
         self._check_step_schedule()
+        self._check_text()
         self._check_files_and_shapes()
         if self.type == "cuda":
             if not torch.cuda.is_available():
@@ -223,6 +270,41 @@ class Options:
             parse_milestones(self.lr_milestones)
         except ValueError as err:
             raise OptionError(f"-lr_milestones: {err}") from None
+
+    @property
+    def text(self) -> bool:
+        """Whether -dataset is character-level text (a language-model run, counted in iterations)."""
+        return is_text(self.dataset)
+
+    def _check_text(self) -> None:
+        """Language models take text and text takes language models; the recipe's options fit."""
+        from feedalign.models import LANGUAGE_MODELS, NETWORKS
+
+        network = self.network.removesuffix(".py")
+        if network in LANGUAGE_MODELS and not self.text:
+            raise OptionError(f"-network {network} is a language model: give a text -dataset "
+                              f"(shakespeare_char or a .txt file), not {self.dataset}")  # fmt: skip
+        if self.text and network in NETWORKS and network not in LANGUAGE_MODELS:
+            raise OptionError(f"-dataset {self.dataset} is text: use -network {' or '.join(LANGUAGE_MODELS)} "
+                              f"(or a model file taking token windows), not {network}")  # fmt: skip
+        if self.text:
+            if self.iterations < 1:
+                raise OptionError(f"-dataset {self.dataset} trains for a number of iterations: give "
+                                  "-iterations N (nanoGPT's recipe: 2000)")  # fmt: skip
+            if self.criterion != "ce":
+                raise OptionError("text data is scored in nats per character: use -criterion ce")
+            if self.eps > 0 or self.validate or self.whiten or self.augment:
+                raise OptionError("-eps, -validate, -whiten and -augment are for images; text data has a "
+                                  "validation split already (its last 10%)")  # fmt: skip
+            if self.heads and self.num_hidden % self.heads and network == "gpt":
+                raise OptionError(f"-num_hidden {self.num_hidden} must be a multiple of -heads {self.heads}")
+        elif self.iterations:
+            raise OptionError("-iterations counts text-data iterations; image data trains for -epoch")
+        if self.lr_schedule == "cosine" and not self.iterations:
+            raise OptionError("-lr_schedule cosine decays over -iterations: give -iterations (text data)")
+        if self.taps != "macro" and rules.RULES[self.gradient].kind != "direct":
+            raise OptionError(f"-taps {self.taps} places the taps of direct rules; -gradient {self.gradient} "
+                              "has none")  # fmt: skip
 
     def _check_files_and_shapes(self) -> None:
         """The network exists, fits the dataset's images, and -load names a file."""

@@ -14,19 +14,27 @@ from feedalign.train.config import Options
 
 @dataclass
 class Data:
-    train_x: Tensor  # (N, C, H, W) float32, preprocessed, on the device
-    train_y: Tensor  # (N,) int64
+    """Images: (N, C, H, W) float32 preprocessed and (N,) int64 labels. Text: train_x is the
+    training split's character ids (L,) int64 (the loader cuts windows), train_y empty;
+    test_x, test_y the fixed validation windows and their next characters, (n, context)."""
+
+    train_x: Tensor
+    train_y: Tensor
     test_x: Tensor
     test_y: Tensor
-    classes: list[str]
+    classes: list[str]  # class names; text: the vocabulary, one character each
+    context: int = 0  # text: window length; 0 for images
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
+        return (self.context,) if self.context else tuple(self.train_x.shape[1:])
 
 
 def load_data(opts: Options, device: torch.device) -> Data:
-    """The dataset as docs/original.md §5 prepares it, moved to `device` once."""
+    """The dataset as docs/original.md §5 prepares it, moved to `device` once; text as
+    feedalign/data/text.py splits it, with the fixed validation windows."""
+    if opts.text:
+        return load_text_data(opts, device)
     from feedalign.data import load_dataset
     from feedalign.preprocess import prepare
 
@@ -41,13 +49,24 @@ def load_data(opts: Options, device: torch.device) -> Data:
     return Data(train_x, train.labels.to(device), test_x, test.labels.to(device), list(train.classes))
 
 
+def load_text_data(opts: Options, device: torch.device) -> Data:
+    from feedalign.data.text import eval_windows, load_text
+
+    text = load_text(opts.dataset, opts.datapath, context=opts.context)
+    val_x, val_y = eval_windows(text.val, opts.context, opts.eval_windows)
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    val_x, val_y = val_x.to(device), val_y.to(device)
+    return Data(text.train.to(device), empty, val_x, val_y, list(text.vocab), opts.context)
+
+
 def make_model(opts: Options, data: Data, device: torch.device) -> nn.Module:
     model = build_model(
         opts.network, data.input_shape, len(data.classes), rule=opts.gradient, nonlin=opts.nonlin,
         num_layers=opts.num_layers, num_hidden=opts.num_hidden, dropout=opts.dropout,
         batchnorm=opts.batchnorm, bias=bool(opts.bias), rfb_mag=opts.rfb_mag, criterion=opts.criterion,
         seed=opts.seed, models_folder=opts.modelsFolder, error_at=opts.error_at,
-        feedback_init=opts.feedback_init, init=opts.init,
+        feedback_init=opts.feedback_init, init=opts.init, heads=opts.heads, dropout_rate=opts.dropout_rate,
+        taps=opts.taps,
     )  # fmt: skip
     model = model.to(device)
     if use_channels_last(opts.memory_format, model, device):

@@ -94,6 +94,7 @@ class TrainingStep:
     max_in: float = MAX_NORM_OFF
     train_biases: bool = True  # False (-bias 0): biases are held at zero
     amp: torch.dtype | None = None
+    clip: float = 0.0  # max global L2 norm of the gradient (0 = off), after the rule's backward
 
     def _forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(logits, loss); under --amp the forward runs in bf16 and the loss in float32."""
@@ -112,6 +113,8 @@ class TrainingStep:
         else:
             out, loss = self._forward(x, y)
             loss.backward()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.optimizer.step(self.schedule.lr)
         if not self.train_biases:
             zero_biases_(self.model)
@@ -153,9 +156,9 @@ def train_epoch(step: TrainingStep, loader, state: EpochState, *, stop: StopFlag
             out, loss = step(x, y)
             with torch.no_grad():
                 losses[i] = loss.detach()
-                state.wrong += (out.argmax(1) != y).sum()
-                state.loss_sum += loss.detach().double() * len(y)
-            state.seen += len(y)
+                state.wrong += (out.argmax(-1) != y).sum()  # (N, C), or (N, T, V) per position
+                state.loss_sum += loss.detach().double() * y.numel()
+            state.seen += y.numel()
             state.batch = i + 1
             done += 1
             if on_batch is not None:
@@ -197,7 +200,7 @@ def _should_stop(stop: StopFlag, reduce, batch: int) -> bool:
 def evaluate(model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1000,
              reduce=None, amp: torch.dtype | None = None) -> tuple[float, float]:  # fmt: skip
     """(error, loss) on (x, y) in evaluation mode: no dropout, BN running statistics.
-    loss is the per-sample mean of the criterion's reported value."""
+    loss is the per-sample (text: per-position) mean of the criterion's reported value."""
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), device=x.device, dtype=torch.float64)
@@ -206,9 +209,10 @@ def evaluate(model: nn.Module, criterion: nn.Module, x: Tensor, y: Tensor, *, ba
         with autocast(x.device, amp):
             out = model(xb)
         out = out.float() if amp else out  # the loss in float32 (bf16 forward under --amp)
-        wrong += (out.argmax(1) != yb).sum()
-        loss_sum += criterion(out, yb).double() * len(yb)
-    totals = torch.stack([wrong, loss_sum, torch.tensor(float(len(y)), device=x.device, dtype=torch.float64)])
+        wrong += (out.argmax(-1) != yb).sum()  # per sample, or per position of a (N, T, V) output
+        loss_sum += criterion(out, yb).double() * yb.numel()
+    n = torch.tensor(float(y.numel()), device=x.device, dtype=torch.float64)
+    totals = torch.stack([wrong, loss_sum, n])
     if reduce is not None:
         totals = reduce(totals)
     model.train(was_training)

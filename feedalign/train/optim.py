@@ -3,13 +3,19 @@
 The optimizers are torch.optim's, configured to match the original's `optim`
 package: RMSprop m = 0.99·m + 0.01·g², x -= LR·g/(sqrt(m) + 1e-8) (no momentum,
 no LRDecay); SGD with dampening = momentum (v = μ·v + (1−μ)·g, v₀ = g);
-`weightDecay` is L2 added to the gradient in all of them; adadelta ignores LR,
-as the original's did.
+`weightDecay` is L2 added to the gradient in all of them but adamw, whose decay is
+decoupled (Loshchilov & Hutter) and applied to weights of ≥ 2 dims only, as nanoGPT's
+configure_optimizers (embeddings and matrices decay; biases and norm gains do not);
+adadelta ignores LR, as the original's did.
+
+Per step, the LR may also warm up linearly over `warmup` steps and decay by a cosine
+to `min_lr` at step `iterations` (nanoGPT's get_lr; `Optimizer.lr_at`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import torch
@@ -23,14 +29,23 @@ OPTIMIZERS = {
                                           weight_decay=o.weightDecay), True),
     "rmsprop": (lambda p, o: torch.optim.RMSprop(p, lr=o.LR, alpha=0.99, eps=1e-8,
                                                   weight_decay=o.weightDecay), False),
-    "adam": (lambda p, o: torch.optim.Adam(p, lr=o.LR, betas=(0.9, 0.999), eps=1e-8,
+    "adam": (lambda p, o: torch.optim.Adam(p, lr=o.LR, betas=(o.beta1, o.beta2), eps=1e-8,
                                             weight_decay=o.weightDecay), True),
+    "adamw": (lambda p, o: torch.optim.AdamW(decay_groups(p, o.weightDecay), lr=o.LR,
+                                              betas=(o.beta1, o.beta2), eps=1e-8), True),
     "adagrad": (lambda p, o: torch.optim.Adagrad(p, lr=o.LR, eps=1e-10, weight_decay=o.weightDecay), True),
     "adadelta": (lambda p, o: torch.optim.Adadelta(p, lr=1.0, rho=0.9, eps=1e-6,
                                                     weight_decay=o.weightDecay), False),
     "adamax": (lambda p, o: torch.optim.Adamax(p, lr=o.LR, betas=(0.9, 0.999), eps=1e-38,
                                                 weight_decay=o.weightDecay), False),
 }  # fmt: skip
+
+
+def decay_groups(params: list[nn.Parameter], decay: float) -> list[dict]:
+    """adamw's parameter groups: weight decay on parameters of ≥ 2 dims, none on the rest."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    return [g for g in groups if g["params"]]
 
 
 class Optimizer:
@@ -51,6 +66,8 @@ class Optimizer:
         self.lr_decay = opts.LRDecay if self.decays else 0.0
         self.fixed_lr = opts.optimization == "adadelta"
         self.steps = 0
+        self.warmup, self.min_lr = opts.warmup, opts.min_lr
+        self.decay_steps = opts.iterations if opts.lr_schedule == "cosine" else 0
         self.compiled = opts.compile_optimizer
         self._step = self.optimizer.step
         if self.compiled:
@@ -65,9 +82,21 @@ class Optimizer:
             first = group["params"][0]  # the LR in the parameters' precision, as eager applies it
             group["lr"] = torch.as_tensor(float(group["lr"]), dtype=first.dtype, device=first.device)
 
+    def lr_at(self, lr: float, t: int) -> float:
+        """The LR of step t (0-based) for the schedule's `lr`: linear warm-up over the first
+        `warmup` steps, lr·(t+1)/(warmup+1); then, with a cosine schedule, min_lr +
+        ½(1 + cos(π·r))·(lr − min_lr), r = (t − warmup)/(iterations − warmup), held at min_lr
+        once r ≥ 1; the original's LRDecay divides the result by 1 + t·LRDecay."""
+        if t < self.warmup:
+            lr = lr * (t + 1) / (self.warmup + 1)
+        elif self.decay_steps:
+            r = min(1.0, (t - self.warmup) / max(1, self.decay_steps - self.warmup))
+            lr = self.min_lr + 0.5 * (1 + math.cos(math.pi * r)) * (lr - self.min_lr)
+        return lr / (1 + t * self.lr_decay)
+
     def step(self, lr: float) -> None:
         if not self.fixed_lr:
-            lr_t = lr / (1 + self.steps * self.lr_decay)
+            lr_t = self.lr_at(lr, self.steps)
             for group in self.optimizer.param_groups:
                 if torch.is_tensor(group["lr"]):
                     group["lr"].fill_(lr_t)

@@ -48,6 +48,7 @@ from feedalign.train.runlog import (
 )
 
 log = logging.getLogger("feedalign")
+VOCAB = "vocab.json"  # text runs: the characters, in id order
 
 
 class Interrupted(RuntimeError):
@@ -62,6 +63,8 @@ class Interrupted(RuntimeError):
 def resolve(opts: Options) -> Options:
     """Check options and fill in what is drawn (the seed), before any data is loaded."""
     opts.check()
+    if opts.text:  # one "epoch" of the run directory's records = one evaluation interval
+        opts.epoch = math.ceil(opts.iterations / opts.eval_every)
     if opts.seed is None:
         opts.seed = int.from_bytes(os.urandom(4), "little") % 2**31
     if opts.tensorboard:
@@ -105,7 +108,7 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
         data = _load_data_in_rank_order(opts, rt)
         run = Run.build(opts, rt, run_dir, data, saved)  # refuses a checkpoint of another network
         if rt.is_main:  # all checks passed: the first writes
-            _record_start(run_dir, opts, rt, resumed=resume is not None)
+            _record_start(run_dir, opts, rt, resumed=resume is not None, vocab=data.classes)
             run.runlog = RunLog(run_dir, resume_epoch=run.first_epoch - 1, visualize=opts.visualize == 1,
                                 tensorboard=opts.tensorboard)  # fmt: skip
         on_batch = _batch_hook(opts, run, stop_at)
@@ -159,9 +162,11 @@ def _load_data_in_rank_order(opts: Options, rt: dist.Runtime) -> Data:
     return data if data is not None else load_data(opts, rt.device)
 
 
-def _record_start(run_dir: Path, opts: Options, rt: dist.Runtime, *, resumed: bool) -> None:
+def _record_start(run_dir: Path, opts: Options, rt: dist.Runtime, *, resumed: bool, vocab: list[str]) -> None:
     (run_dir / FINISHED).unlink(missing_ok=True)  # an extended run is no longer finished
     write_json(run_dir / "options.json", opts.to_dict())
+    if opts.text:  # what `feedalign sample` decodes with (JSON: data, never executed)
+        write_json(run_dir / VOCAB, {"vocab": "".join(vocab)})
     env = environment(rt.device) | {"world_size": rt.world_size}
     write_json(run_dir / ("env.json" if not resumed else f"env.resume{int(time.time())}.json"), env)
 
@@ -188,7 +193,7 @@ class Run:
         model = make_model(opts, data, rt.device)
         if opts.load != "none":
             ckpt.load_weights(model, opts.load)
-        criterion = make_criterion(opts.criterion)
+        criterion = make_criterion(opts.criterion, per_position=opts.text)
         dist.check_same_feedback(rt, feedback(model))
         optimizer = Optimizer(model.parameters(), opts)
         schedule = Schedule(opts.LR, opts.epoch_step, opts.epoch,
@@ -198,11 +203,14 @@ class Run:
             dist.wrap(model, rt, batch_reduction=getattr(criterion, "batch_reduction", "mean")), criterion,
             optimizer, schedule, eps=opts.eps, acc_gradient=bool(opts.accGradient), max_out=opts.maxOutNorm,
             max_in=opts.maxInNorm, train_biases=bool(opts.bias),
-            amp=torch.bfloat16 if opts.amp == "bf16" else None,
+            amp=torch.bfloat16 if opts.amp == "bf16" else None, clip=opts.clip,
         )  # fmt: skip
         test = (data.test_x[rt.rank :: rt.world_size], data.test_y[rt.rank :: rt.world_size])
-        log.info(f"{opts.dataset}: {len(data.train_x)} training / {len(data.test_x)} test samples "
-                 f"{data.input_shape}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
+        what = f"{len(data.train_x)} training / {len(data.test_x)} test samples {data.input_shape}"
+        if opts.text:
+            what = (f"{len(data.train_x)} training characters / {len(data.test_x)} validation windows of "
+                    f"{opts.context}, vocabulary {len(data.classes)}")  # fmt: skip
+        log.info(f"{opts.dataset}: {what}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
                  f"process(es) on {rt.device}; run directory {run_dir}")  # fmt: skip
         log.info(describe(model))  # which rule trains which parameter
         return cls(opts, rt, run_dir, model, optimizer, schedule, step, _loader(opts, data, rt), test,
@@ -250,9 +258,16 @@ class Run:
         record = {"epoch": epoch, "train_error": wrong / seen, "smoothed_error": self.schedule.smoothed,
                   "train_loss": loss_sum / seen, "test_error": test_error, "test_loss": test_loss,
                   "lr": lr, "seconds": st.seconds} | _means(st.extras)  # fmt: skip
-        log.info(f"epoch {epoch}: train error {100 * record['train_error']:.2f}% (smoothed "
-                 f"{100 * self.schedule.smoothed:.2f}%) loss {record['train_loss']:.4g} lr {lr:.3g} "
-                 f"{st.seconds:.1f}s | test error {100 * test_error:.2f}% loss {test_loss:.4g}")  # fmt: skip
+        if self.opts.text:
+            record |= _text_metrics(self.opts, epoch, record, seen, st.seconds)
+            log.info(f"iteration {record['iteration']}: train loss {record['train_loss']:.4f} "
+                     f"({record['train_bpc']:.3f} bits/char) | validation {test_loss:.4f} "
+                     f"({record['test_bpc']:.3f}) | {record['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+        else:
+            log.info(f"epoch {epoch}: train error {100 * record['train_error']:.2f}% (smoothed "
+                     f"{100 * self.schedule.smoothed:.2f}%) loss {record['train_loss']:.4g} lr {lr:.3g} "
+                     f"{st.seconds:.1f}s | test error {100 * test_error:.2f}% "
+                     f"loss {test_loss:.4g}")  # fmt: skip
         if self.runlog is not None:
             self.runlog.add(record)
         return reason
@@ -302,6 +317,12 @@ def _restore(saved: dict | None, model: nn.Module, optimizer: Optimizer, schedul
 def _loader(opts: Options, data: Data, rt: dist.Runtime):
     from feedalign.data import EpochLoader
 
+    if opts.text:  # random windows of the training characters, eval_every batches per interval
+        from feedalign.data.text import WindowLoader
+
+        last = opts.iterations - (opts.epoch - 1) * opts.eval_every
+        return WindowLoader(data.train_x, opts.batchSize, opts.context, opts.eval_every, seed=opts.seed,
+                            rank=rt.rank, last_steps=last, epochs=opts.epoch)  # fmt: skip
     per_rank = -(-len(data.train_x) // rt.world_size)
     lone = opts.batchnorm > 0 and per_rank % opts.batchSize == 1  # BatchNorm cannot normalise 1 sample
     if lone:
@@ -309,6 +330,14 @@ def _loader(opts: Options, data: Data, rt: dist.Runtime):
                     "normalise: it is left out")  # fmt: skip
     return EpochLoader(data.train_x, data.train_y, opts.batchSize, seed=opts.seed, augment=opts.augment,
                        rank=rt.rank, world_size=rt.world_size, drop_last=lone)  # fmt: skip
+
+
+def _text_metrics(opts: Options, epoch: int, record: dict, seen: float, seconds: float) -> dict:
+    """Text runs: iterations done, the losses (nats per character) in bits per character,
+    and training characters (tokens) per second of this interval's training steps."""
+    return {"iteration": min(epoch * opts.eval_every, opts.iterations),
+            "train_bpc": record["train_loss"] / math.log(2), "test_bpc": record["test_loss"] / math.log(2),
+            "tokens_per_s": seen / max(seconds, 1e-9)}  # fmt: skip
 
 
 def _means(extras: dict) -> dict:
@@ -373,4 +402,4 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", datapath: str | No
     ckpt.check_same_network(model, weights, run_dir / ckpt.CHECKPOINT)
     model.load_state_dict(weights)
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
-    return evaluate(model, make_criterion(opts.criterion), x, y)
+    return evaluate(model, make_criterion(opts.criterion, per_position=opts.text), x, y)
