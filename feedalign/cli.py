@@ -1,4 +1,4 @@
-"""`feedalign` command line: train | eval | download | reproduce.
+"""`feedalign` command line: train | eval | sample | download | reproduce.
 
 Each subcommand lives beside the code it drives and registers itself here
 through a `register(subparsers)` function that sets `func` on its parser. Only
@@ -73,6 +73,7 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
 SUBCOMMANDS = {
     "train": "feedalign.train.cli",
     "eval": "feedalign.train.cli",
+    "sample": "feedalign.train.sample",
     "download": "feedalign.data.download",
     "reproduce": "feedalign.reproduce",
 }

@@ -318,7 +318,7 @@ def test_nan_stops_with_epoch_and_batch_and_keeps_last_good_checkpoint(tmp_path,
                 logits = logits * float("nan")
             return super().forward(logits, target)
 
-    monkeypatch.setattr(session, "make_criterion", lambda name: Poisoned())
+    monkeypatch.setattr(session, "make_criterion", lambda name, **kw: Poisoned())
     with pytest.raises(Diverged, match=r"nan at batch \d+ of epoch 2.*last good checkpoint is kept"):
         train(opts)
     run = tmp_path / "run"
