@@ -154,3 +154,40 @@ def test_sample_is_seeded_and_refuses_unknown_characters(tmp_path, capsys, caplo
     assert main(["sample", str(run), "--prompt", "Zebra"]) == 2
     assert "never seen: ['Z']" in caplog.text
     assert main(["sample", str(run), "--temperature", "0"]) == 2
+
+
+def _fake_run(root: Path, row: str, rule: str, losses: list[float], finished: bool) -> None:
+    run = root / "runs" / row / rule / "seed1"
+    run.mkdir(parents=True)
+    options = {"gradient": rule, "dataset": "shakespeare_char", "iterations": 2000, "epoch": 8, "seed": 1}
+    (run / "options.json").write_text(json.dumps(options))
+    lines = [json.dumps({"epoch": i + 1, "iteration": 250 * (i + 1), "test_loss": x, "train_loss": x,
+                         "test_bpc": x / math.log(2), "test_error": 0.5, "train_error": 0.5,
+                         "tokens_per_s": 1000.0 + i}) for i, x in enumerate(losses)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:
+        (run / "finished.json").write_text(json.dumps({"reason": "reached -epoch 8"}))
+
+
+def test_language_model_report_table(tmp_path):
+    from feedalign.reproduce.experiments import load_suite
+    from feedalign.reproduce.report import write_report
+
+    rows = load_suite("shakespeare-char")
+    _fake_run(tmp_path, "gpt", "bp", [2.5, 2.0, 1.9, 1.91, 1.90, 1.89, 1.88, 1.87], True)
+    _fake_run(tmp_path, "gpt", "dfa", [3.0, 2.8, 2.7], False)
+    _fake_run(tmp_path, "gpt-micro", "dfa", [3.0, 2.6, 2.5, 2.4, 2.4, 2.3, 2.3, 2.2], True)
+    text = write_report(tmp_path, rows=rows, title="t").read_text()
+    table = {
+        tuple(c.strip() for c in line.split("|")[1:3]): line
+        for line in text.splitlines()
+        if line.startswith("| gpt")
+    }
+    assert (
+        "| 1.870 | 1.870 (2000) | 2.698 | 1004 | — | 1.88 | -0.010 (within ±0.05) | 2000/2000 |"
+        in table[("gpt", "bp")]
+    )
+    assert "| 2.700 | 2.700 (750) |" in table[("gpt", "dfa")] and "+0.830" in table[("gpt", "dfa")]
+    assert "750/2000 *partial*" in table[("gpt", "dfa")]
+    assert "+0.330" in table[("gpt-micro", "dfa")]  # the gap to the recipe's bp, from the first row
+    assert (tmp_path / "report.png").exists()

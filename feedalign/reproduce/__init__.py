@@ -6,7 +6,8 @@
     feedalign reproduce mnist --out /scratch/mnist --export results/mnist   # metrics, no checkpoints
 
 Suites: the folders of feedalign/experiments (mnist, cifar10, cifar100: Nøkland 2016;
-biotorch-mnist, biotorch-fashion, biotorch-cifar10: BioTorch's Benchmarks.md). Expands
+biotorch-mnist, biotorch-fashion, biotorch-cifar10: BioTorch's Benchmarks.md;
+shakespeare-char: nanoGPT's character-level GPT recipe, every rule, validation loss). Expands
 the chosen rows (feedalign/experiments/<suite>/*.json) × rules × seeds into `feedalign
 train` runs under `<out>/runs/<row>/<rule>/seed<k>`, runs them J at a time (finished
 ones are skipped, interrupted ones resumed: the same command continues a stopped
@@ -168,6 +169,8 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
 
 
 def _source(rows: list[Row]) -> str:
+    if rows and rows[0].measure == "loss":
+        return "nanoGPT's README"
     return "BioTorch Benchmarks.md" if rows and rows[0].suite.startswith("biotorch") else "Nøkland 2016"
 
 

@@ -23,6 +23,9 @@ optional:
                  metrics of the row have been measured yet
     seeds        runs per rule when --seeds is not given (default DEFAULT_SEEDS; 1 where
                  the table reports a single run)
+    measure      "error" (default: test error in %) or "loss": language models, whose
+                 published "test" is a validation loss in nats per character and whose
+                 tolerance is in nats (reproduce/lm_report.py writes their report)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ SUITES = tuple(sorted(p.name for p in EXPERIMENTS.iterdir() if p.is_dir()))
 PAPER_EPOCHS = 300  # every run in the paper (docs/original.md §7)
 REQUIRED = ("row", "dataset", "options", "rules", "published")
 METRICS = ("final", "best")
+MEASURES = ("error", "loss")
 DEFAULT_SEEDS = 3
 
 
@@ -59,6 +63,7 @@ class Row:
     epoch_seconds: float | None = None  # estimate, one thread
     seeds: int = DEFAULT_SEEDS  # runs per rule unless --seeds says otherwise
     tolerance: float | None = None  # |Δ| in points within which a figure counts as reproduced
+    measure: str = "error"  # "loss": validation loss in nats per character (language models)
 
     def options_for(self, rule: str) -> dict:
         """The row's options with `rule`'s own overrides (without gradient and seed)."""
@@ -103,6 +108,9 @@ def load_row(path: Path, suite: str) -> Row:
     metric = d.get("metric", "final")
     if metric not in METRICS:
         raise ValueError(f"{path}: metric {metric!r} must be one of {', '.join(METRICS)}")
+    measure = d.get("measure", "error")
+    if measure not in MEASURES:
+        raise ValueError(f"{path}: measure {measure!r} must be one of {', '.join(MEASURES)}")
     return Row(
         name=d["row"],
         suite=suite,
@@ -118,6 +126,7 @@ def load_row(path: Path, suite: str) -> Row:
         epoch_seconds=d.get("epoch_seconds"),
         seeds=int(d.get("seeds", DEFAULT_SEEDS)),
         tolerance=_tolerance(path, d.get("tolerance")),
+        measure=measure,
     )
 
 

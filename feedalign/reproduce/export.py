@@ -21,7 +21,8 @@ from feedalign.files import atomic_write
 from feedalign.train.runlog import FINISHED, RunFileError, read_metrics
 
 log = logging.getLogger("feedalign")
-KEPT = ("metrics.jsonl", "options.json", "env.json", FINISHED, "runner.json")  # small, no weights
+# small, no weights; text runs: their vocabulary and the report's generated sample
+KEPT = ("metrics.jsonl", "options.json", "env.json", FINISHED, "runner.json", "vocab.json", "sample.txt")
 
 
 def progress(run_dir: Path) -> tuple[int, bool]:

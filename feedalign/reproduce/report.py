@@ -218,6 +218,10 @@ def write_report(root: Path, *, rows: list[Row] | None = None,
 
     results = with_missing(find_runs(root), expected or [], rows)
     groups = group_runs(results, rows, experiments)
+    if rows and all(r.measure == "loss" for r in rows):  # language models: losses, not errors
+        from feedalign.reproduce import lm_report
+
+        return lm_report.write(root, groups, rows, title=title or f"Reproduction report: {root.name}")
     figures = []
     if any(r.curve for r in results):
         plot_errors(groups, root / "report.png")
