@@ -18,6 +18,7 @@ from feedalign.models.language import gpt, lstm
 from feedalign.models.lenet import lenet
 from feedalign.models.mlp import mlp
 from feedalign.models.resnet import resnet20
+from feedalign.models.structure import is_weight_layer
 from feedalign.rules import RULES, check_rule
 from feedalign.rules.feedback import fan_in, generator, xavier_bound
 
@@ -143,6 +144,8 @@ def build_model(
         log_softmax=CRITERIA[criterion][1],
         **language,
     )
+    first = next((m for m in model.modules() if is_weight_layer(m)), None)
+    tokens = isinstance(first, nn.Embedding)  # token ids in (gpt, lstm, a model file's LM): probed below
     init_weights, feedback_dist = INITS[init]
     own_init = callable(getattr(model, "init_weights", None))
     if own_init:
@@ -155,7 +158,7 @@ def build_model(
         rule,
         rfb_mag=rfb_mag,
         seed=fb_seed,
-        input_shape=None if language else tuple(input_shape),  # token ids: probed below
+        input_shape=None if tokens else tuple(input_shape),
         error_at=error_at,
         taps=taps,
         feedback_init=("weights" if spec.original_init and not own_init else "random")
@@ -163,7 +166,7 @@ def build_model(
         else feedback_init,
         init=feedback_dist,
     )
-    if language and spec.kind == "direct":
+    if tokens and spec.kind == "direct":
         with torch.no_grad():  # one pass on token ids draws the direct rules' B now, as input_shape does
             model.eval()(torch.zeros(2, *input_shape, dtype=torch.long)).sum()
             model.train()
