@@ -59,6 +59,14 @@ def test_a_run_records_nats_bits_and_tokens_per_second(tmp_path):
     assert (run / "finished.json").exists()
 
 
+@pytest.mark.parametrize("rule", ["bp", "dfa", "kp"])
+def test_an_lstm_learns_by_each_kind_of_rule(tmp_path, rule):
+    run = train(lm_opts(tmp_path, network="lstm", gradient=rule, iterations=16, eval_every=8, LR=1e-2))
+    first, last = records(run)
+    vocab = len(json.loads((run / "vocab.json").read_text())["vocab"])
+    assert last["test_loss"] < first["test_loss"] and last["test_loss"] < math.log(vocab)  # below uniform
+
+
 @pytest.mark.parametrize("rule, taps", [("bp", "macro"), ("dfa", "micro"), ("fa", "macro")])
 @pytest.mark.parametrize("stop_at", [(2, 1), (1, 4)])  # mid-interval, and at an interval's last batch
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, rule, taps, stop_at):
