@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -90,6 +91,27 @@ def variants(
 def rotation(names: list[str], r: int) -> list[str]:
     """Round r's order: rotated by r, so that load drifts hit every variant alike."""
     return names[r % len(names) :] + names[: r % len(names)]
+
+
+def interleaved(
+    steps: dict[str, Callable[[], None]], rounds: int, calls: int, per_call: float, reference: str
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each round runs every variant's `steps[name]()` `calls` times in rotation order;
+    returns {name: units per second per round} (per_call units each call) and {name:
+    its ratio to `reference` in the same round}."""
+    rates: dict[str, list[float]] = {k: [] for k in steps}
+    ratios: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(rounds):
+        this_round = {}
+        for name in rotation(list(steps), r):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                steps[name]()
+            this_round[name] = calls * per_call / (time.perf_counter() - t0)
+        for name, rate in this_round.items():
+            rates[name].append(rate)
+            ratios[name].append(rate / this_round[reference])
+    return rates, ratios
 
 
 def run(layers: int, args: argparse.Namespace) -> dict[str, list[float]]:

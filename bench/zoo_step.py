@@ -24,14 +24,13 @@ import argparse
 import copy
 import importlib
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from resnet_step import ResNet18  # torchvision's layout, written out (bench/ is the script's folder)
-from throughput import rotation
+from throughput import interleaved
 from torch import Tensor, nn
 
 import feedalign
@@ -97,18 +96,7 @@ def run(task: str, rules: list[str], args: argparse.Namespace) -> tuple[str, dic
                 raise
             failed[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
             steps.pop(name, None)
-    rates: dict[str, list[float]] = {k: [] for k in steps}
-    ratios: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(args.rounds):
-        this_round = {}
-        for name in rotation(list(steps), r):
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                steps[name]()
-            this_round[name] = args.steps / (time.perf_counter() - t0)
-        for name, rate in this_round.items():
-            rates[name].append(rate)
-            ratios[name].append(rate / this_round["plain bp"])
+    rates, ratios = interleaved(steps, args.rounds, args.steps, 1.0, "plain bp")
     return label, rates, ratios, failed
 
 

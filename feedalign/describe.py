@@ -9,6 +9,9 @@ Every parameter falls in one group:
     block            a direct rule's block (a tap cuts its input): dfa's e·B_i or drtp's
                      −s·y*·B_i, arriving at the next tap downstream, back-propagated within it;
     fixed            shallow: a hidden parameter, never updated (grad stays None);
+    local loss       a local rule's block (a tap cuts its output): the gradient of its own
+                     loss, back-propagated within it; the head computing that loss (its
+                     decoder, transform) learns from the same loss;
     local error      learns from the error that reaches it (a bias or norm next to an
                      fa layer, an Embedding, a parameter only added or multiplied
                      elementwise such as a position embedding, a stem before the first tap);
@@ -26,6 +29,7 @@ from torch import nn
 from feedalign.models.convert import rule_of
 from feedalign.rules.calls import follower_of, rule_weights
 from feedalign.rules.dfa import Output, Tap
+from feedalign.rules.local import LocalOutput
 
 LOCAL = "learns from the error that reaches it"
 
@@ -69,9 +73,14 @@ def classify(model: nn.Module) -> dict[str, str]:
     reads = follower.reads if follower is not None else {}
     with_b = {id(getattr(m, a)): (q, status) for q, (m, a, status) in rule_weights(model).items()}
     all_names = _names(model)
+    heads = {id(q): f"local head {i}: its own loss" for out in outputs if isinstance(out, LocalOutput)
+             for i, head in enumerate(out.heads) for q in head.parameters()}  # fmt: skip
     groups: dict[str, str] = {}
     for first, p in model.named_parameters():
         names = all_names[id(p)]
+        if id(p) in heads:
+            groups[first] = heads[id(p)]
+            continue
         at_output = [n for n in names if out_site and _owner(n, [out_site])]
         name = at_output[0] if at_output else with_b.get(id(p), (first,))[0]
         if len(names) > 1:  # tied: the other uses add their own error to this weight's gradient
@@ -106,16 +115,21 @@ def describe(model: nn.Module) -> str:
     for out in outputs:
         n_out = out.feedback.shape[0] if out.ready else "?"
         lines.append(f"  output: {out.site or 'the model output'} (error e over {n_out} outputs)")
+    heads = [h for out in outputs if isinstance(out, LocalOutput) for h in out.heads]
     for tap in taps:
         sizes = tap.broadcast.sizes if tap.broadcast is not None else []
         n = sizes[tap.index] if tap.index < len(sizes) else ("-" if tap.broadcast is None else "?")
         where = f"{getattr(tap, 'cuts', 'input')} of {tap.site}" if tap.site else "placed by hand"
         lines.append(f"  tap {tap.index if tap.broadcast is not None else '-'}: {where}, n_i = {n}")
+        used = [i for i, k in enumerate(sizes) if k]  # taps with a head (not fed token ids)
+        if tap.index in used and used.index(tap.index) < len(heads):
+            lines.append(f"    local head {used.index(tap.index)}: {heads[used.index(tap.index)].summary()}")
+    signal = "its own loss, at the tap after it" if heads else "the signal at the next tap down"
     by_group: dict[str, list[str]] = {}
     for name, group in classify(model).items():
         holder = name
         if group.startswith(f"{rule} block "):  # one entry per block, not per parameter inside
-            group, holder = f"{rule}, blocks (the signal at the next tap down)", group.split()[-1]
+            group, holder = f"{rule}, blocks ({signal})", group.split()[-1]
         entries = by_group.setdefault(group, [])
         if holder not in entries:
             entries.append(holder)

@@ -85,17 +85,19 @@ def sgd_steps(model: nn.Module, x_shape, k: int, opt: torch.optim.Optimizer):
 
 
 def test_the_table_names_every_rule_with_its_kind():
-    assert list(RULES) == ["bp", "fa", "usf", "frsf", "brsf", "kp", "dfa", "drtp", "shallow"]
+    local = ["pred", "sim", "predsim", "pred-bio", "sim-bio", "predsim-bio"]
+    assert list(RULES) == ["bp", "fa", "usf", "frsf", "brsf", "kp", "dfa", "drtp", "shallow", *local]
     kinds = {name: r.kind for name, r in RULES.items()}
     assert kinds == {"bp": "bp", "fa": "per-layer", "usf": "per-layer", "frsf": "per-layer",
                      "brsf": "per-layer", "kp": "per-layer", "dfa": "direct", "drtp": "direct",
-                     "shallow": "direct"}  # fmt: skip
+                     "shallow": "direct"} | dict.fromkeys(local, "local")  # fmt: skip
     assert {RULES[n].signal for n in ("dfa", "drtp", "shallow")} == {"error", "target", "none"}
     assert all(r.summary for r in RULES.values())
 
 
 def test_unknown_rules_are_refused_with_the_list():
-    valid = "bp, fa, usf, frsf, brsf, kp, dfa, drtp, shallow"
+    local = "pred, sim, predsim, pred-bio, sim-bio, predsim-bio"
+    valid = f"bp, fa, usf, frsf, brsf, kp, dfa, drtp, shallow, {local}"
     with pytest.raises(ValueError, match=f"unknown learning rule 'hebb'; choose one of {valid}"):
         check_rule("hebb")
     with pytest.raises(ValueError, match=valid):

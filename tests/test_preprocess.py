@@ -253,3 +253,27 @@ def test_augment_draws_cover_the_range():
     # s = 0 keeps the full span 31 (1/9 of draws); s = 8 narrows it to 23
     assert 0.08 < (span == 31).float().mean() < 0.14
     assert span.min() == 23 and 0.08 < (span == 23).float().mean() < 0.14
+
+
+def test_jitter_is_a_whole_pixel_shift_filled_with_black_and_flip_mirrors():
+    """RandomCrop(H, padding=P) + RandomHorizontalFlip: every output is the input shifted
+    by (dy, dx) in [-P, P]², mirrored or not, its uncovered border = fill; the draws
+    cover every shift and both orientations."""
+    from feedalign.preprocess.augmentation import jitter_flip
+
+    n, p = 400, 2
+    x = torch.rand(n, 2, 6, 5) + 1  # > fill everywhere
+    fill = torch.tensor([-1.0, -2.0])
+    out = jitter_flip(x, torch.Generator().manual_seed(0), pixels=p, flip=True, fill=fill)
+    seen = set()
+    for i in range(n):
+        padded = fill.view(2, 1, 1).expand(2, 6 + 2 * p, 5 + 2 * p).clone()
+        padded[:, p : p + 6, p : p + 5] = x[i]
+        views = {(t, l, f): (padded.flip(2) if f else padded)[:, t : t + 6, l : l + 5]
+                 for t in range(2 * p + 1) for l in range(2 * p + 1) for f in (False, True)}  # fmt: skip
+        found = [k for k, v in views.items() if torch.equal(out[i], v)]
+        assert found, i
+        seen.add(found[0])
+    assert len(seen) == (2 * p + 1) ** 2 * 2
+    still = jitter_flip(x, torch.Generator().manual_seed(0), pixels=0, flip=False, fill=fill)
+    assert torch.equal(still, x)

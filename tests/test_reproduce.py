@@ -41,7 +41,7 @@ def test_suites_load_in_table_order_with_published_figures():
         assert conv.name == "conv-tanh" and conv.options["whiten"] is True and conv.options["LR"] == lr
         assert conv.published["dfa"]["test"] == dfa and conv.published["dfa"]["roughly"]
     assert set(SUITES) == {"mnist", "cifar10", "cifar100", "biotorch-mnist", "biotorch-fashion",
-                           "biotorch-cifar10", "shakespeare-char"}  # fmt: skip
+                           "biotorch-cifar10", "shakespeare-char", "local-loss"}  # fmt: skip
 
 
 def test_row_selection_by_prefix_and_unknown_name():

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import torch
 
 from feedalign.preprocess.augmentation import augment as augment_batch
+from feedalign.preprocess.augmentation import jitter_flip
 
 _MIX = 1_000_003  # a prime: seed * _MIX + epoch keeps (seed, epoch) pairs apart
 
@@ -29,6 +30,9 @@ class EpochLoader:
     shuffle: a new permutation each epoch (set with `set_epoch`); else in order.
     augment: crop/flip/rescale each batch (docs/original.md §5) with a generator derived from
         (seed, epoch, rank).
+    jitter, hflip: shift each image by up to `jitter` pixels and mirror it with p = 0.5
+        (torchvision's RandomCrop(padding) and RandomHorizontalFlip), the uncovered border
+        filled with each channel's smallest training value (the black of MNIST-like images).
     rank, world_size: this process's shard (see the module docstring).
     drop_last: drop the last, smaller batch (and truncate instead of pad the shards).
     """
@@ -42,6 +46,8 @@ class EpochLoader:
         shuffle: bool = True,
         seed: int = 0,
         augment: bool = False,
+        jitter: int = 0,
+        hflip: bool = False,
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
@@ -59,6 +65,8 @@ class EpochLoader:
         self.images, self.labels = images, labels
         self.batch_size = batch_size
         self.shuffle, self.seed, self.augment = shuffle, seed, augment
+        self.jitter, self.hflip = jitter, hflip
+        self.fill = images.amin(dim=(0, *range(2, images.dim()))) if jitter or hflip else None  # (C,)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
 
@@ -100,9 +108,12 @@ class EpochLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
         gen = self._generator(1 + self.rank) if self.augment else None
+        shifts = self._generator(1 + self.world_size + self.rank) if self.fill is not None else None
         for k in range(len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
             x = self.images.index_select(0, idx)
             if gen is not None:
                 x = augment_batch(x, gen)
+            if shifts is not None:
+                x = jitter_flip(x, shifts, pixels=self.jitter, flip=self.hflip, fill=self.fill)
             yield x, self.labels.index_select(0, idx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,12 +22,16 @@ from feedalign.models.resnet import resnet20
 from feedalign.models.structure import is_weight_layer
 from feedalign.rules import RULES, check_rule
 from feedalign.rules.feedback import fan_in, generator, xavier_bound
+from feedalign.rules.local import LocalOutput
 
 NETWORKS: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp, "conv": conv, "lenet": lenet, "resnet20": resnet20, "gpt": gpt, "lstm": lstm,
 }  # fmt: skip
 LANGUAGE_MODELS = ("gpt", "lstm")  # token windows (T,) in, (T, vocabulary) out: text datasets
-NONLINS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "sigm": nn.Sigmoid, "relu": nn.ReLU}
+NONLINS: dict[str, Callable[[], nn.Module]] = {
+    "tanh": nn.Tanh, "sigm": nn.Sigmoid, "relu": nn.ReLU,
+    "leakyrelu": partial(nn.LeakyReLU, 0.01),  # slope 0.01: the local-loss reference's
+}  # fmt: skip
 FEEDBACK_SEED_OFFSET = 1_000_003  # feedback draws must not replay the weight stream
 
 __all__ = ["NETWORKS", "NONLINS", "build_model", "convert", "feedback", "rule_of", "find_network"]
@@ -115,7 +120,8 @@ def build_model(
     xavier-uniform: BioTorch's default).
     A network with its own initialisation (a method `init_weights(generator)`: gpt, lstm)
     is drawn by it, never zeroed, and "original" gives every per-layer rule a random B.
-    heads, dropout_rate: the language models' attention heads and dropout probability.
+    heads, dropout_rate: the language models' attention heads and dropout probability;
+        mlp: dropout_rate > 0 puts Dropout(dropout_rate) after each hidden layer.
     taps: direct rules, convert's: "macro" (one tap per block) or "micro" (also after attention)."""
     spec = RULES[check_rule(rule)]
     if feedback_init not in FEEDBACK_INITS:
@@ -131,7 +137,9 @@ def build_model(
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     build = find_network(network, models_folder)
-    language = {"heads": heads, "dropout_rate": dropout_rate} if build in (gpt, lstm) else {}
+    extra = {"heads": heads, "dropout_rate": dropout_rate} if build in (gpt, lstm) else {}
+    if build is mlp and dropout_rate:  # the hidden layers' dropout probability
+        extra = {"dropout_rate": dropout_rate}
     model = build(
         tuple(input_shape),
         n_classes,
@@ -142,7 +150,7 @@ def build_model(
         batchnorm=batchnorm,
         bias=bias,
         log_softmax=CRITERIA[criterion][1],
-        **language,
+        **extra,
     )
     first = next((m for m in model.modules() if is_weight_layer(m)), None)
     tokens = isinstance(first, nn.Embedding)  # token ids in (gpt, lstm, a model file's LM): probed below
@@ -159,6 +167,7 @@ def build_model(
         rfb_mag=rfb_mag,
         seed=fb_seed,
         input_shape=None if tokens else tuple(input_shape),
+        example=torch.zeros(2, *input_shape, dtype=torch.long) if tokens and spec.kind == "local" else None,
         error_at=error_at,
         taps=taps,
         feedback_init=("weights" if spec.original_init and not own_init else "random")
@@ -177,4 +186,11 @@ def build_model(
                     m.weight.zero_()
                     if m.bias is not None:
                         m.bias.zero_()
+    if spec.kind == "local":  # the reference's zero output weight: its input is cut, no error goes down
+        uses = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
+        for out in (m for m in model.modules() if isinstance(m, LocalOutput) and m.site):
+            layer = model.get_submodule(out.site)
+            if isinstance(layer, TRAINABLE) and uses.count(id(layer.weight)) == 1:  # not a tied embedding
+                with torch.no_grad():
+                    layer.weight.zero_()
     return model

@@ -33,6 +33,7 @@ output, which must then be (N, C) (checked at the first pass).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -156,13 +157,17 @@ def convert_direct(
     input_shape: tuple[int, ...] | None = None,
     error_at: str = "logits",
     taps: str = "macro",
+    rule: str | None = None,
+    new_output: Callable[[], Output] = Output,
+    example: Tensor | None = None,
 ) -> None:
     """Put the taps and the Output of a direct rule on `model`, in place (see the module
-    docstring for where). signal: "error" (dfa), "target" (drtp), "none" (shallow).
-    taps: "macro" (one per block) or "micro" (also one after each attention sub-module)."""
+    docstring for where). signal: "error" (dfa), "target" (drtp), "none" (shallow), or
+    "local" (the local rules, whose `rule` name and `new_output`, a LocalOutput maker, are
+    given). taps: "macro" (one per block) or "micro" (also one after each attention sub-module)."""
     if taps not in TAPS:
         raise ValueError(f"taps must be one of {', '.join(TAPS)}, got {taps!r}")
-    rule = SIGNALS[signal]
+    rule = rule or SIGNALS[signal]
     ref = next(model.parameters(), torch.zeros(()))
     if gen is None:  # a fresh seed from the OS, as fa's: torch's global RNG stays untouched
         gen = torch.Generator()
@@ -173,12 +178,15 @@ def convert_direct(
         raise ValueError(
             f'taps="{taps}" places the taps itself; this model holds feedalign.Tap()/Output() modules'
         )
+    if marked and new_output is not Output:
+        raise ValueError(f"{rule}: a hand-placed feedalign.Output() marks dfa's output; remove it and pass "
+                         'output="<the output layer\'s name>"')  # fmt: skip
     if runs_children(model) and blocks is None and output is None and taps == "macro" and not manual + marked:
-        placed, out = _place_sequential(model, rule, signal, error_at)
+        placed, out = _place_sequential(model, rule, signal, error_at, new_output)
     elif (manual or marked) and signal != "none":
-        placed, out = _place_manual(model, manual, marked, output)
+        placed, out = _place_manual(model, manual, marked, output, new_output)
     else:
-        placed, out = _place_hooks(model, signal, blocks, output, error_at, taps)
+        placed, out = _place_hooks(model, signal, blocks, output, error_at, taps, new_output)
     if signal == "none":  # shallow: only the output layer (the cut's site) learns
         _freeze_all_but(model, dict(model.named_modules())[placed[-1].site])
     broadcast = Broadcast(len(placed)) if signal != "none" else None
@@ -187,12 +195,21 @@ def convert_direct(
     if out is not None:
         out.connect(rule, broadcast, signal, rfb_mag, gen.get_state())
         out.feedback = out.feedback.to(dtype=ref.dtype, device=ref.device)
-    if input_shape is None and isinstance(model, nn.Sequential) and out is not None:
-        first = next((m for m in model.modules() if is_weight_layer(m)), None)
-        if isinstance(first, nn.Linear):
-            input_shape = (first.in_features,)  # a float input: the sizes can be learnt now
-    if input_shape is not None and out is not None:
-        _probe(model, input_shape, ref)
+    if input_shape is None and out is not None:
+        input_shape = sequential_input(model)  # a float input: the sizes can be learnt now
+    if example is not None and out is not None:
+        _probe(model, example, ref)
+    elif input_shape is not None and out is not None:
+        _probe(model, torch.zeros(2, *input_shape, dtype=ref.dtype, device=ref.device), ref)
+
+
+def sequential_input(model: nn.Module) -> tuple[int, ...] | None:
+    """(in_features,) for an nn.Sequential whose first weight layer is a Linear: an input
+    shape known without being told; else None."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    first = next((m for m in model.modules() if is_weight_layer(m)), None)
+    return (first.in_features,) if isinstance(first, nn.Linear) else None
 
 
 def _freeze_all_but(model: nn.Module, output_layer: nn.Module) -> None:
@@ -204,13 +221,14 @@ def _freeze_all_but(model: nn.Module, output_layer: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _probe(model: nn.Module, input_shape: tuple[int, ...], ref: Tensor) -> None:
-    """One no-grad forward on zeros (N = 2) draws the feedback now (input_shape given)."""
+def _probe(model: nn.Module, x: Tensor, ref: Tensor) -> None:
+    """One no-grad forward of the batch x (zeros of input_shape, N = 2, or the example
+    given) draws the feedback now."""
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(2, *input_shape, dtype=ref.dtype, device=ref.device))
+            model(x.to(ref.device))
     finally:
         model.train(was_training)
 
@@ -241,7 +259,7 @@ def _attach_output(layer: nn.Module, out: Output, holder: TapList) -> None:
     layer.register_forward_hook(partial(_emit, out))
 
 
-def _place_manual(model, manual, marked, output):
+def _place_manual(model, manual, marked, output, new_output):
     if len(marked) > 1:
         raise ValueError(f"the model holds {len(marked)} feedalign.Output() modules; mark one output")
     if marked:
@@ -251,14 +269,14 @@ def _place_manual(model, manual, marked, output):
             "the model holds feedalign.Tap() modules but no output: place feedalign.Output() right after "
             'the output layer, or pass output="<module name>"'
         )
-    out, holder = Output(), TapList()
+    out, holder = new_output(), TapList()
     out.site = find_output(model, [], output)
     _attach_output(dict(model.named_modules())[out.site], out, holder)
     _hold(model, holder)
     return [m for _, m in manual], out
 
 
-def _place_hooks(model, signal, blocks, output, error_at, taps):
+def _place_hooks(model, signal, blocks, output, error_at, taps, new_output):
     found = find_blocks(model, blocks)
     out_name = find_output(model, found, output)
     out_layer = model.get_submodule(out_name)
@@ -284,7 +302,7 @@ def _place_hooks(model, signal, blocks, output, error_at, taps):
     out = None
     if signal != "none":
         model.register_forward_pre_hook(partial(_note_inputs, placed[0]), with_kwargs=True)
-        out = Output()
+        out = new_output()
         out.pooled = classes_first(out_layer)  # e at the model's output, which must be (N, C)
         out.site = out_name if error_at == "logits" else ""
         out.blocks = [n for n, _ in hidden]
@@ -305,12 +323,14 @@ def _leaves(seq: nn.Sequential, prefix: str = "") -> list[tuple[nn.Sequential, s
     return out
 
 
-def _place_sequential(model: nn.Sequential, rule: str, signal: str, error_at: str):
+def _place_sequential(model: nn.Sequential, rule: str, signal: str, error_at: str, new_output):
     leaves = _leaves(model)
     trainable = [i for i, (*_, m) in enumerate(leaves) if holds_weights(m)]
     if not trainable:
         raise ValueError(f"{rule}: the model has no weight layer (Linear, Conv, recurrent, …)")
     boundaries = trainable[1:] if signal != "none" else trainable[-1:]
+    if signal == "local":  # a block's local loss sees its output before dropout, which runs after the cut
+        boundaries = [_before_dropout(leaves, i) for i in boundaries]
     before: dict[tuple[int, str], list] = {}  # (id(parent), key) -> modules to insert before that child
     after: dict[tuple[int, str], list] = {}  # … and after it
     parents = {id(parent): parent for parent, *_ in leaves}
@@ -323,7 +343,7 @@ def _place_sequential(model: nn.Sequential, rule: str, signal: str, error_at: st
         before.setdefault((id(parent), key), []).append((f"tap{tap_index}", tap))
     out = None
     if signal != "none":
-        out = Output()
+        out = new_output()
         out_parent, out_key, out.site, out_layer = leaves[trainable[-1]]
         out.blocks = [leaves[i][2] for i in trainable[:-1]]
         out.pooled = classes_first(out_layer)
@@ -335,6 +355,19 @@ def _place_sequential(model: nn.Sequential, rule: str, signal: str, error_at: st
     for pid, parent in parents.items():
         _insert(parent, pid, before, after)
     return taps, out
+
+
+def _before_dropout(leaves: list, i: int) -> int:
+    """The leaf index where a tap cutting before leaves[i] goes when it must precede the
+    dropout layers right before it (in the same parent)."""
+
+    def dropout_before(i: int) -> bool:
+        same_parent = leaves[i - 1][0] is leaves[i][0]
+        return same_parent and isinstance(leaves[i - 1][3], nn.modules.dropout._DropoutNd)
+
+    while i > 0 and dropout_before(i):
+        i -= 1
+    return i
 
 
 def _insert(parent: nn.Sequential, pid: int, before: dict, after: dict) -> None:

@@ -11,11 +11,12 @@ where, is feedalign/models/blocks.py's business (docs/models.md).
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
-from feedalign.models.blocks import BlockSpec, convert_direct
+from feedalign.models.blocks import BlockSpec, convert_direct, sequential_input
 from feedalign.rules import RULES, calls, check_rule
 from feedalign.rules.dfa import DFAOutput
 from feedalign.rules.fa import (
@@ -39,6 +40,7 @@ from feedalign.rules.feedback import (
     uniform,
     xavier_bound,
 )
+from feedalign.rules.local import LocalOutput
 
 TRAINABLE = (nn.Linear, nn.Conv2d)  # the layers build_model initialises (docs/original.md §1)
 ERROR_AT = ("logits", "output")
@@ -57,6 +59,7 @@ def convert(
     taps: str = "macro",
     feedback_init: str = "random",
     init: str = "default",
+    example: Tensor | None = None,
 ) -> nn.Module:
     """Make `model` learn by `rule` (a name in `feedalign.RULES`); returns the same object.
 
@@ -67,6 +70,10 @@ def convert(
     input_shape: direct rules: per-sample input shape, e.g. (3, 32, 32); draws the
         feedback now with a forward on zeros. Not needed: without it the taps are
         sized at the first forward pass (also for integer inputs such as token ids).
+        Local rules (pred, sim, predsim, …) need it, or `example`, unless the model is an
+        nn.Sequential starting with a Linear: their heads are parameters, built now.
+    example: instead of input_shape, a batch of inputs (any dtype: token ids) run once
+        without gradients to size the taps.
     blocks, output: direct rules: the blocks (module names, or a predicate
         (name, module) -> bool) and the output layer's name, instead of the automatic
         choice (docs/models.md, "Your own model"; feedalign.describe lists it).
@@ -98,6 +105,18 @@ def convert(
         convert_direct(
             model, spec.signal, rfb_mag, generator(seed),
             blocks=blocks, output=output, input_shape=input_shape, error_at=error_at, taps=taps,
+            example=example,
+        )  # fmt: skip
+    elif spec.kind == "local":  # the direct rules' taps, each block's own loss at the Output
+        if input_shape is None and example is None and sequential_input(model) is None:
+            raise ValueError(
+                f"{rule}: each block's local head is built at conversion, from the size of the block's "
+                "output, so convert must run the model once: pass input_shape=(per-sample shape) or "
+                "example=<a batch of inputs> (token ids, for instance)"
+            )
+        convert_direct(
+            model, "local", 0.0, generator(seed), blocks=blocks, output=output, input_shape=input_shape,
+            taps=taps, rule=rule, new_output=partial(LocalOutput, spec), example=example,
         )  # fmt: skip
     model.learning_rule = rule  # what rule_of() reports
     return model
@@ -108,7 +127,8 @@ def feedback(model: nn.Module) -> list[Tensor]:
     rule trains, the B its backward uses now (the weight's shape; computed from W for
     usf / frsf / brsf, so writing into those changes nothing; a weight outside torch's
     layer kinds once a training forward has used it as one); direct rules — B_i of
-    shape (n_outputs, n_i); bp — empty."""
+    shape (n_outputs, n_i); local rules — the fixed B (128, n_i) of each -bio pred
+    decoder (none for the others); bp — empty."""
     out: list[Tensor] = []
     with torch.no_grad():  # no side effects: brsf redraws only in a training forward
         for m in model.modules():

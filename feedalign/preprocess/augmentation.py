@@ -72,3 +72,28 @@ def augment(x: torch.Tensor, generator: torch.Generator, *, max_shrink: int = MA
     left = (torch.rand(n, **opts) * (shrink + 1)).floor()
     flip = torch.rand(n, **opts) < 0.5
     return crop_flip_resize(x, shrink, top, left, flip)
+
+
+def jitter_flip(
+    x: torch.Tensor, generator: torch.Generator, *, pixels: int, flip: bool, fill: torch.Tensor
+) -> torch.Tensor:
+    """A copy of x (N, C, H, W) shifted by up to `pixels` each way and, with `flip`,
+    mirrored left-right with p = 0.5: torchvision's RandomCrop(H, padding=pixels) and
+    RandomHorizontalFlip, as the local-loss recipe uses them, for a whole batch.
+
+    The border the shift uncovers takes `fill` (C,): the value the unnormalised images'
+    black (0) has after normalisation, which RandomCrop's zero padding was before it.
+    Offsets are uniform in {0..2·pixels} of the padded image, per image.
+    """
+    n, c, h, w = x.shape
+    opts = {"generator": generator, "device": x.device}
+    padded = fill.to(x).view(1, c, 1, 1).expand(n, c, h + 2 * pixels, w + 2 * pixels).clone()
+    padded[:, :, pixels : pixels + h, pixels : pixels + w] = x
+    top = torch.randint(0, 2 * pixels + 1, (n,), **opts)
+    left = torch.randint(0, 2 * pixels + 1, (n,), **opts)
+    flips = torch.rand(n, **opts) < 0.5 if flip else torch.zeros(n, dtype=torch.bool, device=x.device)
+    rows = (top[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1)  # (N, 1, H, 1)
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    cols = torch.where(flips[:, None], cols.flip(1), cols) + left[:, None]  # (N, W): mirrored where flipped
+    out = padded.gather(2, rows.expand(n, c, h, w + 2 * pixels))
+    return out.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))

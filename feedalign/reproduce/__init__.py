@@ -7,7 +7,8 @@
 
 Suites: the folders of feedalign/experiments (mnist, cifar10, cifar100: Nøkland 2016;
 biotorch-mnist, biotorch-fashion, biotorch-cifar10: BioTorch's Benchmarks.md;
-shakespeare-char: nanoGPT's character-level GPT recipe, every rule, validation loss). Expands
+shakespeare-char: nanoGPT's character-level GPT recipe, every rule, validation loss;
+local-loss: Nøkland & Eidnes 2019's MLP rows, the local rules beside bp and dfa). Expands
 the chosen rows (feedalign/experiments/<suite>/*.json) × rules × seeds into `feedalign
 train` runs under `<out>/runs/<row>/<rule>/seed<k>`, runs them J at a time (finished
 ones are skipped, interrupted ones resumed: the same command continues a stopped

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ REQUIRED = ("row", "dataset", "options", "rules", "published")
 METRICS = ("final", "best")
 MEASURES = ("error", "loss")
 DEFAULT_SEEDS = 3
+RULE_NAME = r"[a-z][a-z0-9]*(-[a-z0-9]+)*"  # lower case, words joined by hyphens: predsim-bio
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def load_row(path: Path, suite: str) -> Row:
     if fixed:
         raise ValueError(f"{path}: options must not set {', '.join(fixed)}; the runner sets them per run")
     rules = d["rules"]
-    if not rules or not all(isinstance(r, str) and r.isidentifier() and r.islower() for r in rules):
+    if not rules or not all(isinstance(r, str) and re.fullmatch(RULE_NAME, r) for r in rules):
         raise ValueError(f"{path}: rules {rules} must be a non-empty list of rule names such as "
                          f"{', '.join(RULES)}")  # fmt: skip
     _check_published(path, d["published"], rules)

@@ -7,7 +7,10 @@ Every rule says its kind:
                  where each rule's B comes from; rules/fa.py holds the layers);
     "direct"     taps after the hidden blocks replace the error arriving from above
                  by a fixed random projection of a broadcast signal (rules/dfa.py):
-                 the output error (dfa), the target (drtp) or nothing (shallow).
+                 the output error (dfa), the target (drtp) or nothing (shallow);
+    "local"      the same taps, but each hidden block learns from a loss of its own on
+                 its output, with the labels read from the output error (rules/local.py):
+                 pred, sim, predsim and their backprop-free "-bio" variants.
 `convert`, `build_model`, the CLI's `-gradient`, the reproduce runner and the
 alignment diagnostics all look rules up here. A new per-layer rule is one class
 and one entry in rules/feedback.py's PER_LAYER.
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from feedalign.rules.feedback import PER_LAYER, Rule
+from feedalign.rules.local import LOCAL_RULES
 
 RULES: dict[str, Rule] = {
     "bp": Rule("bp", "bp", "back-propagation: the reference every other rule is compared with"),
@@ -31,6 +35,7 @@ RULES: dict[str, Rule] = {
                  "(Frenkel et al. 2021): no backward pass at all", original_init=True, signal="target"),
     "shallow": Rule("shallow", "direct", "only the output layer learns; hidden layers keep their initial "
                     "random weights: the floor every rule must beat", signal="none"),
+    **LOCAL_RULES,
 }  # fmt: skip
 
 

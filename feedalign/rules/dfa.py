@@ -255,6 +255,10 @@ class Output(nn.Module):
         b.inputs = [None] * len(b.inputs)  # drop references; the next pass starts clean
         taps = [h for _, h in used]
         self._check(y, taps)
+        return self.broadcast_signal(y, taps)
+
+    def broadcast_signal(self, y: Tensor, taps: list[Tensor]) -> Tensor:
+        """y, passed on; in backward each tap input gets its slice of signal(e)·B."""
         return DFAFunction.apply(y, self.feedback, self.signal, *taps)
 
     def _sizes(self, y: Tensor, shapes: list) -> list[int]:
@@ -293,6 +297,12 @@ class Output(nn.Module):
         if self.pooled and y.dim() != 2:
             raise self.unpooled(str(tuple(y.shape)))
         sizes = self._sizes(y, self.broadcast.shapes)
+        self.make_feedback(y, sizes)
+        self.broadcast.sizes = sizes
+        self.broadcast.model_inputs = []
+
+    def make_feedback(self, y: Tensor, sizes: list[int]) -> None:
+        """B = [B_1 … B_L] for taps of n_i = `sizes` elements per position of y."""
         n_out = y.shape[-1]
         if tuple(self.feedback.shape) != (0, 0):  # a state_dict was loaded before the first pass: keep its B
             if tuple(self.feedback.shape) != (n_out, sum(sizes)):
@@ -306,8 +316,6 @@ class Output(nn.Module):
             blocks = [uniform((n_out, n), dfa_bound(n, self.rfb_mag), gen) for n in sizes if n]
             drawn = torch.cat(blocks, dim=1) if blocks else torch.zeros(n_out, 0, dtype=torch.float64)
             self.feedback = drawn.to(dtype=ref.dtype, device=ref.device)
-        self.broadcast.sizes = sizes
-        self.broadcast.model_inputs = []
 
     def unpooled(self, got: str) -> ValueError:
         """The refusal of a convolutional output layer whose output is not reduced to (N, C)."""

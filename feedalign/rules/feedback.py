@@ -98,7 +98,8 @@ class Rule:
     """A table entry of `feedalign.rules.RULES`.
 
     kind: "bp" (plain autograd), "per-layer" (each layer's backward uses a B of its
-        weight's shape, this file) or "direct" (taps broadcast a signal, rules/dfa.py).
+        weight's shape, this file), "direct" (taps broadcast a signal, rules/dfa.py) or
+        "local" (the same taps, each block learning from a loss of its own, rules/local.py).
     original_init: `build_model` starts as the original did (docs/original.md §1): B_0
         a copy of the initial weights, and all weights zeroed under tanh/sigm. The sign
         rules cannot start from zero weights (sign(0) = 0 sends no error back).

@@ -67,7 +67,7 @@ LIMITS: dict[str, Limit] = MODEL_LIMITS | {
     "maxInNorm": finite_above(0), "maxOutNorm": finite_above(0), "threads": int_at_least(1),
     "devid": (lambda v: isinstance(v, int) and v >= 1, ">= 1 (1-based)"), "nGPU": int_at_least(1),
     "visualize": one_of_ints(0, 1), "alignment": int_at_least(0),
-    "lr_gamma": finite_above(0), "resize": int_at_least(0),
+    "lr_gamma": finite_above(0), "resize": int_at_least(0), "jitter": int_at_least(0),
     "seed": (lambda v: v is None or (isinstance(v, int) and 0 <= v < SEED_LIMIT), "in [0, 2**63)"),
     "heads": int_at_least(1), "context": int_at_least(1), "iterations": int_at_least(0),
     "eval_every": int_at_least(1), "eval_windows": int_at_least(0), "warmup": int_at_least(0),
@@ -123,7 +123,11 @@ class Options:
     )
     heads: int = option(4, "attention heads of gpt (count; -num_hidden must be a multiple)")
     context: int = option(64, "language models: window length in characters (tokens)")
-    dropout_rate: float = option(0.0, "language models: dropout probability (nanoGPT's dropout)")
+    dropout_rate: float = option(
+        0.0,
+        "dropout probability: language models (nanoGPT's dropout); mlp: after each hidden layer, "
+        "instead of -dropout 1's 0.5 (the local-loss recipe: 0.1)",
+    )
     # --- optimisation (docs/original.md §4) ---
     eps: float = option(0.0, "adversarial (fast gradient sign) step, in preprocessed input units; 0 off")
     accGradient: int = option(0, "1 = add the clean gradient to the adversarial one (if eps > 0)")
@@ -174,6 +178,10 @@ class Options:
     format: str = option("rgb", "colour format: " + " | ".join(FORMATS))
     whiten: bool = option(False, "ZCA-whiten the data (replaces normalization)")
     augment: bool = option(False, "augment training images (random crop, flip, rescale)")
+    jitter: int = option(
+        0, "shift training images by up to N pixels each way (pad N with the darkest value, random crop)"
+    )
+    hflip: bool = option(False, "flip training images horizontally with probability 0.5")
     preProcDir: str = option("./PreProcData/", "folder caching fitted preprocessing constants")
     validate: bool = option(False, "hold out the last 10k training images as the test set")
     # --- platform and artefacts (docs/original.md §6) ---
@@ -293,18 +301,21 @@ class Options:
                                   "-iterations N (nanoGPT's recipe: 2000)")  # fmt: skip
             if self.criterion != "ce":
                 raise OptionError("text data is scored in nats per character: use -criterion ce")
-            if self.eps > 0 or self.validate or self.whiten or self.augment:
-                raise OptionError("-eps, -validate, -whiten and -augment are for images; text data has a "
-                                  "validation split already (its last 10%)")  # fmt: skip
+            if self.eps > 0 or self.validate or self.whiten or self.augment or self.jitter or self.hflip:
+                raise OptionError("-eps, -validate, -whiten, -augment, -jitter and -hflip are for images; "
+                                  "text data has a validation split already (its last 10%)")  # fmt: skip
             if self.heads and self.num_hidden % self.heads and network == "gpt":
                 raise OptionError(f"-num_hidden {self.num_hidden} must be a multiple of -heads {self.heads}")
         elif self.iterations:
             raise OptionError("-iterations counts text-data iterations; image data trains for -epoch")
         if self.lr_schedule == "cosine" and not self.iterations:
             raise OptionError("-lr_schedule cosine decays over -iterations: give -iterations (text data)")
-        if self.taps != "macro" and rules.RULES[self.gradient].kind != "direct":
-            raise OptionError(f"-taps {self.taps} places the taps of direct rules; -gradient {self.gradient} "
-                              "has none")  # fmt: skip
+        if self.dropout_rate and network in NETWORKS and network not in (*LANGUAGE_MODELS, "mlp"):
+            raise OptionError(f"-dropout_rate sets the dropout of mlp, gpt and lstm; -network {network} has "
+                              "its own (-dropout)")  # fmt: skip
+        if self.taps != "macro" and rules.RULES[self.gradient].kind not in ("direct", "local"):
+            raise OptionError(f"-taps {self.taps} places the taps of direct and local rules; "
+                              f"-gradient {self.gradient} has none")  # fmt: skip
 
     def _check_files_and_shapes(self) -> None:
         """The network exists, fits the dataset's images, and -load names a file."""

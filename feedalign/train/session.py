@@ -329,7 +329,8 @@ def _loader(opts: Options, data: Data, rt: dist.Runtime):
         log.warning("the last batch of each epoch would hold a single sample, which BatchNorm cannot "
                     "normalise: it is left out")  # fmt: skip
     return EpochLoader(data.train_x, data.train_y, opts.batchSize, seed=opts.seed, augment=opts.augment,
-                       rank=rt.rank, world_size=rt.world_size, drop_last=lone)  # fmt: skip
+                       jitter=opts.jitter, hflip=opts.hflip, rank=rt.rank, world_size=rt.world_size,
+                       drop_last=lone)  # fmt: skip
 
 
 def _text_metrics(opts: Options, epoch: int, record: dict, seen: float, seconds: float) -> dict:
