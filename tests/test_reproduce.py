@@ -15,8 +15,9 @@ from feedalign.cli import build_parser, main
 from feedalign.reproduce import parse_overrides, run_reproduce
 from feedalign.reproduce import runner as rn
 from feedalign.reproduce.experiments import SUITES, load_suite, select_rows
-from feedalign.reproduce.report import find_runs, group_runs, read_run, write_report
 from feedalign.reproduce.report import main as report_main
+from feedalign.reproduce.report import write_report
+from feedalign.reproduce.results import find_runs, group_runs, read_run
 
 MNIST_ROWS = ["7x240-tanh", "100x240-tanh", "1x800-tanh", "2x800-tanh", "3x800-tanh", "4x800-tanh",
               "2x800-logistic", "2x800-relu", "2x800-tanh-dropout", "2x800-tanh-adversarial"]  # fmt: skip
@@ -96,7 +97,7 @@ def test_bad_row_file_is_refused(tmp_path):
 
 
 def test_delta_is_marked_within_or_outside_the_rows_tolerance():
-    from feedalign.reproduce.report import Group, RunResult
+    from feedalign.reproduce.results import Group, RunResult
     from feedalign.reproduce.tables import delta_cell
 
     def group(best: float, status: str = "finished", tolerance: float | None = 0.3) -> Group:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from feedalign.files import atomic_write_text
 from feedalign.reproduce.experiments import Row
-from feedalign.reproduce.report import Group, RunResult
+from feedalign.reproduce.results import Group, RunResult
 from feedalign.train.runlog import read_metrics
 
 log = logging.getLogger("feedalign")

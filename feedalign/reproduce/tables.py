@@ -15,7 +15,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from feedalign.reproduce.experiments import Row
-from feedalign.reproduce.report import Group, RunResult
+from feedalign.reproduce.results import Group, RunResult
 from feedalign.train.config import Options
 
 HEADER = ("| row | rule | final test | best test | final train | runs | epochs | published test "
