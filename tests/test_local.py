@@ -283,3 +283,53 @@ def test_the_trainer_runs_the_recipe_and_resumes_bit_exactly(tmp_path):
     a, b = ckpt.load(ref / "checkpoint.pt")["model"], ckpt.load(resumed / "checkpoint.pt")["model"]
     assert any(".heads." in k for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _zoo():
+    """The suite's stand-ins for torchvision, timm and transformers models (tests/zoo*.py)."""
+    from zoo import GPT, ResNet, ViT
+    from zoo_layouts import Bertish, Decoder, SqueezeNet, densenet, efficientnet, mobilenet
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (4, 5), generator=gen)
+    image = torch.randn(4, 3, 8, 8, generator=gen)
+    return {"resnet": (ResNet, image), "vit": (ViT, image), "gpt-tied": (GPT, ids), "llama": (Decoder, ids),
+            "bert": (Bertish, ids), "densenet": (densenet, image), "squeezenet": (SqueezeNet, image),
+            "efficientnet": (efficientnet, image), "mobilenet": (mobilenet, image)}  # fmt: skip
+
+
+def _grads(model, x):
+    y = model(x)
+    labels = torch.arange(y[..., 0].numel()).reshape(y.shape[:-1]) % y.shape[-1]
+    if labels.dim() > 1:
+        labels[:, -1] = -100  # a masked position per sequence
+    F.cross_entropy(y.reshape(-1, y.shape[-1]), labels.reshape(-1), ignore_index=-100).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if ".heads." not in n}
+
+
+@pytest.mark.parametrize("rule", ["predsim", "predsim-bio"])
+@pytest.mark.parametrize("name", list(_zoo()))
+def test_every_block_of_the_zoos_layouts_learns_from_its_own_head(name, rule):
+    """Every parameter gets a gradient; perturbing head i moves the gradients of some
+    parameters (block i's) and of no parameter that another head moves: each block's
+    signal is its own head's loss, and none crosses into another block."""
+    import copy
+
+    build, x = _zoo()[name]
+    torch.manual_seed(0)
+    model = feedalign.convert(build(), rule, example=x, seed=1)
+    randomise(model)
+    base = _grads(copy.deepcopy(model), x)
+    assert all(torch.isfinite(g).all() and g.any() for g in base.values()), name
+    moved = []
+    for i in range(len(heads(model))):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in heads(other)[i].parameters():
+                p.mul_(-2).add_(0.3)
+            for b in heads(other)[i].buffers():
+                b.mul_(-2).add_(0.3)
+        g = _grads(other, x)
+        moved.append({n for n in base if not torch.allclose(g[n], base[n], rtol=1e-4, atol=1e-7)})
+    assert len(moved) >= 2 and all(moved), moved
+    assert all(a.isdisjoint(b) for k, a in enumerate(moved) for b in moved[k + 1 :]), moved

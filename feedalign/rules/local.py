@@ -152,6 +152,8 @@ class LocalHead(nn.Module):
 
     def forward(self, h: Tensor, labels: Tensor, n_classes: int) -> Tensor:
         """The local loss of rows h (M, *F) with integer labels (M,)."""
+        if len(self.features) != 3:  # not a (C, H, W) map: one vector per row (M, F)
+            h = h.flatten(1)
         onehot = F.one_hot(labels, n_classes).to(h.dtype)  # (M, C)
         target = onehot @ self.projection.t() if self.bio else onehot  # (M, 128) or (M, C)
         loss = h.new_zeros(())
