@@ -8,6 +8,9 @@ downloads) goes through these two helpers:
   of that name is never opened), which is flushed to disk and then renamed
   onto `path`. A reader sees the old file or the new one, never a torn one;
   `os.replace` replaces a symlink at `path` itself, not what it points to.
+- `write_if_changed(path, data, same=...)`: `atomic_write` unless `path` holds that
+  content already (as `same` judges: a report dated today says what yesterday's did),
+  so regenerating from the same inputs leaves files, and their history, alone.
 - `append_line(path, line)`: appends one line, refusing to follow a symlink at
   `path` (O_NOFOLLOW), for the append-only logs (metrics.jsonl, ErrorRate.log).
 """
@@ -41,6 +44,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_if_changed(path: str | os.PathLike, data: bytes,
+                     same: Callable[[bytes, bytes], bool] = bytes.__eq__) -> bool:  # fmt: skip
+    """`atomic_write` `data` to `path` unless `same(old, data)` for the bytes there now;
+    returns whether it wrote."""
+    path = Path(path)
+    if path.is_file() and not path.is_symlink() and same(path.read_bytes(), data):
+        return False
+    atomic_write(path, lambda f: f.write(data))
+    return True
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from feedalign.files import append_line, atomic_write, atomic_write_text
+from feedalign.files import append_line, atomic_write, atomic_write_text, write_if_changed
 
 
 def test_atomic_write_replaces_a_planted_symlink_not_its_target(tmp_path):
@@ -45,3 +45,17 @@ def test_append_line_refuses_a_symlink(tmp_path):
     append_line(plain, "b\n")
     assert plain.read_text() == "a\nb\n"
     assert os.stat(plain).st_size == 4
+
+
+def test_write_if_changed_writes_only_new_content(tmp_path):
+    path = tmp_path / "f.txt"
+    assert write_if_changed(path, b"a 1") and path.read_bytes() == b"a 1"
+    assert not write_if_changed(path, b"a 1")
+    same_letter = lambda old, new: old[:1] == new[:1]  # noqa: E731
+    assert not write_if_changed(path, b"a 2", same=same_letter) and path.read_bytes() == b"a 1"
+    assert write_if_changed(path, b"b 2", same=same_letter) and path.read_bytes() == b"b 2"
+    target = tmp_path / "target"
+    target.write_bytes(b"b 2")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert write_if_changed(link, b"b 2") and not link.is_symlink() and target.read_bytes() == b"b 2"

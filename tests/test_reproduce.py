@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -334,6 +335,26 @@ def test_report_on_fabricated_runs(tmp_path):
     line = next(x for x in (out / "report.md").read_text().splitlines() if "differ from their row" in x)
     assert line.endswith("1x800-tanh: bp init=xavier (row: classic).")
     assert (out / "report.png").stat().st_size > 0 and (out / "alignment.png").stat().st_size > 0
+
+
+def test_a_report_is_rewritten_only_when_its_content_changes(tmp_path, monkeypatch):
+    import feedalign.reproduce.results as results
+
+    fabricate(tmp_path / "a", epochs=3, test=0.02, rule="bp", seed=1)
+    monkeypatch.setattr(results.time, "strftime", lambda fmt: "2026-01-01 10:00")
+    write_report(tmp_path)
+    report, plot = tmp_path / "report.md", tmp_path / "report.png"
+    first = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (report, plot)}
+    assert "From " in report.read_text() and " on 2026-01-01 10:00." in report.read_text()
+    for p in (report, plot):  # an mtime in the past: a rewrite would show
+        os.utime(p, ns=(first[p][1] - 10**9, first[p][1] - 10**9))
+    monkeypatch.setattr(results.time, "strftime", lambda fmt: "2026-02-02 11:11")  # only the date differs
+    write_report(tmp_path)
+    assert all(p.read_bytes() == first[p][0] and p.stat().st_mtime_ns == first[p][1] - 10**9 for p in first)
+    fabricate(tmp_path / "b", epochs=3, test=0.03, rule="dfa", seed=1)  # new content: both rewritten
+    write_report(tmp_path)
+    assert " on 2026-02-02 11:11." in report.read_text() and "| dfa |" in report.read_text()
+    assert plot.read_bytes() != first[plot][0]
 
 
 def test_report_on_any_folder_and_running_only(tmp_path):

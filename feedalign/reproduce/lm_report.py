@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from pathlib import Path
 
 from feedalign.files import atomic_write_text
 from feedalign.reproduce.experiments import Row
-from feedalign.reproduce.results import Group, RunResult
+from feedalign.reproduce.results import Group, RunResult, dated, write_report_text
 from feedalign.train.runlog import read_metrics
 
 log = logging.getLogger("feedalign")
@@ -69,7 +68,7 @@ def markdown(groups: list[Group], rows: list[Row], *, title: str, source: Path, 
     bp = {row: f["final"] for (row, rule), f in figures.items() if rule == "bp" and f}
     fallback = next(iter(bp.values()), None)
     intro = (
-        f"From {source} on {time.strftime('%Y-%m-%d %H:%M')}. Validation loss in nats per character on the "
+        f"{dated(source)} Validation loss in nats per character on the "
         "whole validation split (the last 10% of the text, cut into windows at a seeded offset); bits/char = "
         "nats / ln 2, at the last evaluation; tokens/s: training characters per second on one thread (median "
         "over the intervals); gap to bp: final loss − bp's final loss on the same recipe. Δ = ours − "
@@ -148,6 +147,8 @@ def write(root: Path, groups: list[Group], rows: list[Row], *, title: str) -> Pa
     if any(_curve(r) for g in groups for r in g.runs):
         plot_losses(groups, root / "report.png")
         figure = "report.png"
-    atomic_write_text(root / "report.md", markdown(groups, rows, title=title, source=root, figure=figure))
-    log.info(f"report: {root / 'report.md'} ({len(groups)} row/rule groups)")
+    wrote = write_report_text(
+        root / "report.md", markdown(groups, rows, title=title, source=root, figure=figure)
+    )
+    log.info(f"report: {root / 'report.md'} ({len(groups)} row/rule groups{'' if wrote else '; unchanged'})")
     return root / "report.md"

@@ -3,6 +3,7 @@ per layer (alignment.png). One panel per row; a line per rule, seeds averaged.""
 
 from __future__ import annotations
 
+import io
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -13,7 +14,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from feedalign.files import atomic_write  # noqa: E402
+from feedalign.files import write_if_changed  # noqa: E402
 
 COLOURS = {"bp": "tab:blue", "fa": "tab:orange", "dfa": "tab:green", "usf": "tab:red", "brsf": "tab:purple",
            "frsf": "tab:brown", "kp": "tab:pink", "drtp": "tab:olive", "shallow": "tab:gray"}  # fmt: skip
@@ -42,8 +43,12 @@ def _grid(n: int, width: float = 4.0, height: float = 3.0):
 
 
 def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    """PNG bytes depend only on the figure (no date in them): a figure drawn from the same
+    runs leaves the file as it was."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
+    write_if_changed(path, buf.getvalue())
 
 
 def plot_errors(groups, path: Path) -> None:

@@ -3,7 +3,8 @@
 Writes `report.md` (one table, tables.py) and `report.png` (test error per epoch, one
 panel per row), plus `alignment.png` where runs logged alignment angles, from the run
 directories under a folder (read and grouped by results.py; checkpoint.pt is not
-needed, so committed metrics suffice).
+needed, so committed metrics suffice). A file whose content would not change (the
+report's date aside) is left as it is.
 
 Usable on any folder: `python -m feedalign.reproduce.report DIR`. Runs laid out as
 `<row>/<rule>/seed<k>` (the reproduce layout) are grouped by row; any other run
@@ -18,9 +19,8 @@ import sys
 from pathlib import Path
 
 from feedalign.cli import EXIT_FILE
-from feedalign.files import atomic_write_text
 from feedalign.reproduce.experiments import EXPERIMENTS, Row
-from feedalign.reproduce.results import find_runs, group_runs, with_missing
+from feedalign.reproduce.results import find_runs, group_runs, with_missing, write_report_text
 from feedalign.reproduce.tables import markdown
 from feedalign.train.runlog import RunFileError
 
@@ -49,8 +49,9 @@ def write_report(root: Path, *, rows: list[Row] | None = None,
         figures.append("alignment.png")
     text = markdown(groups, title=title or f"Reproduction report: {root.name}", source=root, rows=rows,
                     figures=figures)  # fmt: skip
-    atomic_write_text(root / "report.md", text)
-    log.info(f"report: {root / 'report.md'} ({len(groups)} row/rule groups, {len(results)} runs)")
+    wrote = write_report_text(root / "report.md", text)
+    log.info(f"report: {root / 'report.md'} ({len(groups)} row/rule groups, {len(results)} runs"
+             f"{'' if wrote else '; unchanged'})")  # fmt: skip
     return root / "report.md"
 
 

@@ -12,11 +12,14 @@ write reports from these; none of them is imported here.
 from __future__ import annotations
 
 import math
+import re
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from feedalign.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
+from feedalign.files import write_if_changed
 from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, Row, find_row
 from feedalign.rules import RULES
 from feedalign.train.runlog import read_json, read_metrics
@@ -213,3 +216,23 @@ def _finite(x) -> bool:
 
 def _pct(x: float | None) -> float | None:
     return 100.0 * x if _finite(x) else None
+
+
+# The line that dates a report: "From <folder> on 2026-11-30 15:44."
+_DATED = re.compile(rb"^(From .*?) on \d{4}-\d{2}-\d{2} \d{2}:\d{2}\.", re.M)
+
+
+def dated(source: Path) -> str:
+    """A report's opening words: where its runs are and when it was written."""
+    return f"From {source} on {time.strftime('%Y-%m-%d %H:%M')}."
+
+
+def _undated(text: bytes) -> bytes:
+    return _DATED.sub(rb"\1.", text)
+
+
+def write_report_text(path: Path, text: str) -> bool:
+    """Write a report unless the file says the same already, its date aside: a report
+    regenerated from the same runs (`--report-only` on committed metrics) stays as it was.
+    Returns whether it wrote."""
+    return write_if_changed(path, text.encode("utf-8"), same=lambda old, new: _undated(old) == _undated(new))

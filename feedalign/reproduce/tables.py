@@ -10,12 +10,11 @@ epoch's, or the best epoch's for tables that report the best).
 
 from __future__ import annotations
 
-import time
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from feedalign.reproduce.experiments import Row
-from feedalign.reproduce.results import Group, RunResult
+from feedalign.reproduce.results import Group, RunResult, dated
 from feedalign.train.config import Options
 
 HEADER = ("| row | rule | final test | best test | final train | runs | epochs | published test "
@@ -161,7 +160,7 @@ def markdown(groups: list[Group], *, title: str, source: Path, rows: list[Row] |
     lines = [
         f"# {title}",
         "",
-        f"From {source} on {time.strftime('%Y-%m-%d %H:%M')}. Errors in %; mean ± sample standard "
+        f"{dated(source)} Errors in %; mean ± sample standard "
         "deviation (n−1) over the finished seeds (— for a single seed); where no seed has finished, "
         "over the partial runs, marked *partial* (not comparable with a published final figure). "
         "*best test*: the lowest test error over the epochs (with its epoch for a single run). "
