@@ -169,10 +169,15 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
     return status
 
 
+SOURCES = {"biotorch": "BioTorch Benchmarks.md", "local-loss": "Nøkland & Eidnes 2019, anokland/local-loss"}
+
+
 def _source(rows: list[Row]) -> str:
+    """What the report's title cites: the publication of the suite's figures."""
     if rows and rows[0].measure == "loss":
         return "nanoGPT's README"
-    return "BioTorch Benchmarks.md" if rows and rows[0].suite.startswith("biotorch") else "Nøkland 2016"
+    suite = rows[0].suite if rows else ""
+    return next((s for prefix, s in SOURCES.items() if suite.startswith(prefix)), "Nøkland 2016")
 
 
 def _within_hours(todo: list, rows: list[Row], out: Path, *, hours: float, jobs: int) -> list:

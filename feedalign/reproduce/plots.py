@@ -17,7 +17,9 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from feedalign.files import write_if_changed  # noqa: E402
 
 COLOURS = {"bp": "tab:blue", "fa": "tab:orange", "dfa": "tab:green", "usf": "tab:red", "brsf": "tab:purple",
-           "frsf": "tab:brown", "kp": "tab:pink", "drtp": "tab:olive", "shallow": "tab:gray"}  # fmt: skip
+           "frsf": "tab:brown", "kp": "tab:pink", "drtp": "tab:olive", "shallow": "tab:gray",
+           "pred": "tab:cyan", "sim": "goldenrod", "predsim": "black", "pred-bio": "teal",
+           "sim-bio": "darkkhaki", "predsim-bio": "dimgray"}  # fmt: skip
 PLAIN = FuncFormatter(lambda v, _: f"{v:g}")
 METRIC_STYLE = {"update": "-", "error": "--", "feedback": ":"}
 
