@@ -21,7 +21,9 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1  # a bug: Python's own traceback and status
 EXIT_USAGE = 2  # an option or combination that cannot work (argparse uses 2 as well)
 EXIT_DIVERGED = 3  # the loss became NaN/inf; the last good checkpoint is kept
-EXIT_FILE = 4  # a dataset, cache, checkpoint or run-directory file, or the OS refused a read/write
+EXIT_FILE = (
+    4  # a dataset, cache, checkpoint or run-directory file, a download, or the OS refused a read/write
+)
 EXIT_BUSY = 5  # another process trains in that run directory
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
@@ -38,6 +40,7 @@ def _terminate(signum, frame) -> None:
 def exit_code(err: BaseException) -> tuple[int, str] | None:
     """(exit code, one line) for an error the user can act on; None for a bug (traceback)."""
     from feedalign.data import DatasetError
+    from feedalign.data.download import DownloadError
     from feedalign.dist import FeedbackMismatch
     from feedalign.train.checkpoint import CheckpointError
     from feedalign.train.config import OptionError
@@ -56,6 +59,8 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
         return EXIT_DIVERGED, f"diverged: {err}"
     if isinstance(err, RunDirBusy):
         return EXIT_BUSY, f"error: {err}"
+    if isinstance(err, DownloadError):  # offline, HTTP error, wrong checksum, unwritable folder
+        return EXIT_FILE, f"download failed: {err}"
     if isinstance(err, (DatasetError, CheckpointError, RunFileError)):
         return EXIT_FILE, f"error: {err}"
     if isinstance(err, (OptionError, FeedbackMismatch)):

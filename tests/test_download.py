@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -17,7 +16,7 @@ import pytest
 from test_data import write_cifar10, write_mnist  # tests/ is on sys.path under pytest
 
 from feedalign.data import DATASETS, load_dataset
-from feedalign.data.download import ChecksumError, DownloadError, download, register
+from feedalign.data.download import ChecksumError, DownloadError, download
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -155,13 +154,22 @@ def test_archive_escaping_the_folder_is_refused(server, tmp_path, monkeypatch):
     assert list((tmp_path / "Datasets" / "Cifar10").iterdir()) == []
 
 
-def test_cli_subcommand(tmp_path):
-    parser = argparse.ArgumentParser(prog="feedalign")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["download", "digits", "--datapath", str(tmp_path)])
-    assert args.func(args) == 0
-    args = parser.parse_args(["download", "MNIST", "--datapath", str(tmp_path),
-                              "--base-url", f"http://127.0.0.1:{free_port()}/"])  # fmt: skip
-    assert args.func(args) == 1
-    args = parser.parse_args(["download", "ImageNet"])
-    assert args.func(args) == 1
+def test_cli_subcommand_exit_codes(tmp_path, caplog, capsys):
+    """The README's table: 0 done, 4 a file that could not be fetched (offline: nothing
+    listens at the address), 2 an unknown name."""
+    from feedalign.cli import EXIT_FILE, EXIT_USAGE, main
+
+    assert main(["download", "digits", "--datapath", str(tmp_path)]) == 0
+    offline = [
+        "download",
+        "MNIST",
+        "--datapath",
+        str(tmp_path),
+        "--base-url",
+        f"http://127.0.0.1:{free_port()}/",
+    ]
+    assert main(offline) == EXIT_FILE
+    assert "download failed: could not fetch" in caplog.text
+    with pytest.raises(SystemExit) as stop:
+        main(["download", "ImageNet"])
+    assert stop.value.code == EXIT_USAGE and "unknown dataset 'ImageNet'" in capsys.readouterr().err

@@ -247,7 +247,7 @@ def test_runner_skips_resumes_and_starts_fresh(tmp_path, monkeypatch):
     assert str(runs / "bp" / "seed1") not in started and len(argvs) == 5
     assert "resume:" + str(runs / "dfa" / "seed2") in started
     assert str(runs / "fa" / "seed1") in started and str(runs / "dfa" / "seed1") in started
-    assert status == 1  # fa seed 2 failed
+    assert status == 3  # fa seed 2 failed: it diverged (exit 3), and so does reproduce
     runner_info = json.loads((runs / "fa" / "seed2" / "runner.json").read_text())
     assert runner_info["returncode"] == 3 and "-save" in runner_info["command"]
     assert "# " in (runs / "fa" / "seed1" / "train.log").read_text()
@@ -255,7 +255,7 @@ def test_runner_skips_resumes_and_starts_fresh(tmp_path, monkeypatch):
     assert "failed (exit 3" in report and (out / "report.png").exists()
 
     calls.unlink()  # again: only the failed run is started (fresh: it left no checkpoint)
-    assert run_reproduce(reproduce_args(out), trainer=[sys.executable, str(script)]) == 1
+    assert run_reproduce(reproduce_args(out), trainer=[sys.executable, str(script)]) == 3
     assert len(calls.read_text().splitlines()) == 1
 
     calls.unlink()

@@ -197,15 +197,21 @@ def _execute(todo: list, out: Path, *, jobs: int, threads: int, report: dict, **
     status = 0
     try:
         results = runner.execute(todo, jobs=jobs, threads=threads, **kw)
-        failed = sorted(label for label, rc in results.items() if rc != 0)
+        failed = [r.label for r, _ in todo if results.get(r.label, 0) != 0]  # in table order
         if failed:
             log.error(f"{len(failed)} run(s) failed (see their train.log): {', '.join(failed)}")
-            status = 1
+            status = exit_status(results[failed[0]])
     except KeyboardInterrupt:
         log.warning("stopped; run the same command again to continue")
         status = 130
     write_report(out, **report)
     return status
+
+
+def exit_status(returncode: int) -> int:
+    """reproduce's exit code when a run failed: the first failed run's own (3 diverged, 4 a
+    file, …; docs/faults.md), or 128 + N for one killed by signal N, as a shell reports it."""
+    return returncode if returncode > 0 else 128 - returncode
 
 
 def _export(out: Path, args: argparse.Namespace, report: dict) -> None:
