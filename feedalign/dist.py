@@ -92,6 +92,28 @@ def restart_partial_sums(
     return wrong, loss_sum.to(rt.device, torch.float64) * keep, seen if rt.is_main else 0
 
 
+ORIGINAL_THREADS = 8  # the original's -threads
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: what taskset, a batch
+    scheduler or a container allows), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """-threads when not given: the usable cores, shared among the processes torchrun starts
+    on this machine (LOCAL_WORLD_SIZE), at most the original's 8."""
+    per_process = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(ORIGINAL_THREADS, per_process))
+
+
+THREADS_DEFAULT = "the CPU cores this process may use, at most 8 (under torchrun: shared by its processes)"
+
+
 def device_for(device_type: str, devid: int) -> torch.device:
     """The device of a single process: -type float -> CPU, -type cuda -> GPU devid (1-based)."""
     return torch.device(f"cuda:{devid - 1}") if device_type == "cuda" else torch.device("cpu")

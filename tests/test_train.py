@@ -250,6 +250,7 @@ def test_run_directory_contents_and_eval(tmp_path):
     assert opts["seed"] == 5 and opts["LR"] == 1e-3 and opts["dataset"] == "digits"
     env = json.loads((run / "env.json").read_text())
     assert env["torch"] == torch.__version__ and "git_commit" in env
+    assert env["threads"] == 1 and env["usable_cores"] >= 1 and "at most 8" in env["threads_default"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -553,3 +554,19 @@ def test_every_public_name_works_in_a_fresh_process():
                          env=os.environ | {"PYTHONPATH": repo})  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == len(set(feedalign.__all__))
+
+
+@pytest.mark.parametrize(
+    "cores,local_world,expected", [(2, None, 2), (64, None, 8), (16, "4", 4), (2, "4", 1)]
+)
+def test_threads_default_to_the_usable_cores_at_most_8(monkeypatch, cores, local_world, expected):
+    """The original's 8 threads oversubscribe a 2-core machine: the default is the cores
+    this process may use (its affinity), shared among torchrun's local processes."""
+    from feedalign import dist
+
+    monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert dist.default_threads() == expected and Options().threads == expected

@@ -28,6 +28,7 @@ import logging
 import shlex
 from pathlib import Path
 
+from feedalign.dist import usable_cores
 from feedalign.reproduce.experiments import (
     DEFAULT_SEEDS,
     EXPERIMENTS,
@@ -148,7 +149,7 @@ def run_reproduce(args: argparse.Namespace, *, trainer=None) -> int:
     work = [(r, runner.decide(r)) for r in runs]
     todo = [(r, a) for r, a in work if a != "skip"]
     jobs = args.jobs or runner.default_jobs(len(todo))
-    threads = args.threads or max(1, runner.cpu_count() // jobs)
+    threads = args.threads or max(1, usable_cores() // jobs)
     if args.hours is not None:
         todo = _within_hours(todo, rows, out, hours=args.hours, jobs=jobs)
     counts = {a: sum(1 for _, b in work if b == a) for a in ("fresh", "resume", "extend", "skip")}

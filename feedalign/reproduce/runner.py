@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from feedalign.dist import usable_cores
 from feedalign.reproduce.experiments import Row
 from feedalign.rules import RULES
 from feedalign.train.config import RESUME_MAY_CHANGE, Options
@@ -158,14 +158,7 @@ def command(run: Run, action: str, *, threads: int, trainer: Sequence[str] = TRA
 
 
 def default_jobs(n_runs: int) -> int:
-    return max(1, min(cpu_count(), n_runs))
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return max(1, min(usable_cores(), n_runs))
 
 
 @dataclass

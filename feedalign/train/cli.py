@@ -38,7 +38,8 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
         if kebab(f.name) != f.name:
             names.append(f"--{kebab(f.name)}")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        helptext = f"{f.metadata['help']} (default: {default if default != '' else 'none'})"
+        shown = f.metadata.get("shown") or (default if default != "" else "none")
+        helptext = f"{f.metadata['help']} (default: {shown})"
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
         if f.type in ("bool", bool):
             kw |= {"nargs": "?", "const": True, "type": _bool, "metavar": "BOOL"}

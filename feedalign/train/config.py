@@ -23,6 +23,7 @@ from feedalign.checks import MODEL_LIMITS, Limit, check_limits, finite_above, fi
 from feedalign.checks import one_of as one_of_ints
 from feedalign.data import DATASETS
 from feedalign.data.text import is_text
+from feedalign.dist import THREADS_DEFAULT, default_threads
 from feedalign.losses import CRITERIA
 from feedalign.models import FEEDBACK_INITS, INITS, NONLINS
 from feedalign.models.convert import ERROR_AT
@@ -89,9 +90,15 @@ def _default_type() -> str:
     return "cuda" if torch.cuda.is_available() else "float"
 
 
-def option(default, help: str, **kw):
-    """A field whose help text (with unit) lives beside its default."""
-    return field(default=default, metadata={"help": help, **kw})
+def option(default, help: str, *, shown: str | None = None, **kw):
+    """A field whose help text (with unit) lives beside its default. `shown`: how the help
+    states a default that is not the value itself (a placeholder, or filled in at run time)."""
+    return field(default=default, metadata={"help": help, "shown": shown, **kw})
+
+
+def computed(factory, help: str, *, shown: str):
+    """A field whose default depends on the machine (`factory()` at construction)."""
+    return field(default_factory=factory, metadata={"help": help, "shown": shown})
 
 
 @dataclass
@@ -185,18 +192,18 @@ class Options:
     preProcDir: str = option("./PreProcData/", "folder caching fitted preprocessing constants")
     validate: bool = option(False, "hold out the last 10k training images as the test set")
     # --- platform and artefacts (docs/original.md §6) ---
-    threads: int = option(8, "CPU threads for torch (count)")
-    type: str = field(
-        default_factory=_default_type,
-        metadata={"help": "float (CPU) | cuda (GPU); default cuda if a GPU is present"},
+    threads: int = computed(default_threads, "CPU threads for torch (count)",
+                            shown=f"{default_threads()} here: {THREADS_DEFAULT}")  # fmt: skip
+    type: str = computed(
+        _default_type, "float (CPU) | cuda (GPU)", shown="cuda if a GPU is present, else float"
     )
     devid: int = option(1, "GPU id, 1-based as the original")
     nGPU: int = option(1, "processes (GPUs) for data parallelism: N > 1 launches torchrun")
     load: str = option("none", "file with network weights to start from (none = fresh)")
-    save: str = option("", "run directory (default: ./runs/<timestamp>)")
+    save: str = option("", "run directory", shown="./runs/<timestamp>")
     visualize: int = option(0, "1 = plot the error curves to errors.png")
     # --- feedalign additions ---
-    seed: int | None = option(None, "random seed (default: drawn, then saved in options.json)")
+    seed: int | None = option(None, "random seed", shown="drawn, then printed and saved in options.json")
     quiet: bool = option(False, "no progress bar")
     tensorboard: bool = option(False, "also write TensorBoard event files (needs tensorboard)")
     alignment: int = option(0, "every N steps log alignment angles with back-prop (0 = off)")

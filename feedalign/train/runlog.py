@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from feedalign.dist import THREADS_DEFAULT, usable_cores
 from feedalign.files import append_line, atomic_write, atomic_write_text
 
 METRICS = "metrics.jsonl"
@@ -104,7 +105,8 @@ def environment(device: torch.device) -> dict:
         "feedalign": feedalign.__version__, "git_commit": git_commit(), "python": sys.version.split()[0],
         "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "threads": torch.get_num_threads(), "usable_cores": usable_cores(),
+        "threads_default": THREADS_DEFAULT, "argv": sys.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }  # fmt: skip
 
 

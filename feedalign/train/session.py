@@ -210,8 +210,10 @@ class Run:
         if opts.text:
             what = (f"{len(data.train_x)} training characters / {len(data.test_x)} validation windows of "
                     f"{opts.context}, vocabulary {len(data.classes)}")  # fmt: skip
+        threads = f", {torch.get_num_threads()} thread(s)" if rt.device.type == "cpu" else ""
         log.info(f"{opts.dataset}: {what}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
-                 f"process(es) on {rt.device}; run directory {run_dir}")  # fmt: skip
+                 f"process(es) on {rt.device}{threads}; seed {opts.seed};"
+                 f" run directory {run_dir}")  # fmt: skip
         log.info(describe(model))  # which rule trains which parameter
         return cls(opts, rt, run_dir, model, optimizer, schedule, step, _loader(opts, data, rt), test,
                    first_epoch, state)  # fmt: skip
