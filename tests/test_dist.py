@@ -92,8 +92,17 @@ def _single(criterion, rule, batch, k, out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "criterion,rule", [("bce", "dfa"), ("ce", "fa"), ("bce", "bp"), ("bce", "brsf"), ("bce", "kp")]
-)
+    "criterion,rule",
+    [
+        ("bce", "dfa"),
+        ("ce", "fa"),
+        ("bce", "bp"),
+        ("bce", "brsf"),
+        ("bce", "kp"),
+        ("ce", "pred"),
+        ("ce", "pred-bio"),
+    ],
+)  # not sim: its similarity matrices are taken over each rank's own batch, as the reference's
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, criterion, rule):
     two, one = tmp_path / "two.pt", tmp_path / "one.pt"
     spawn(_steps, criterion, rule, 16, 6, str(two))
