@@ -86,10 +86,13 @@ SUBCOMMANDS = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser for `command`, or for all subcommands (help, unknown command)."""
+    from feedalign.rules import RULES
+
     parser = argparse.ArgumentParser(
         prog="feedalign",
-        description="Train networks with back-prop (bp), feedback alignment (fa) "
-        "and direct feedback alignment (dfa).",
+        description=f"Train networks with back-propagation (bp) or a rule that replaces it: "
+        f"{', '.join(r for r in RULES if r != 'bp')} (docs/rules.md). `feedalign <command> --help` "
+        "has each command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     sub.required = True

@@ -47,7 +47,7 @@ log = logging.getLogger("feedalign")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reproduce",
-        help="run the paper's table rows (rows × rules × seeds) and report against the published errors",
+        help="run a published table (rows × rules × seeds); report",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,

@@ -29,18 +29,56 @@ def kebab(name: str) -> str:
     return re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])", "-", s).lower()
 
 
-def add_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """One argument per Options field; unset ones stay absent (SUPPRESS) so that we
-    know what the user gave."""
-    group = parser.add_argument_group("options of the original (docs/original.md §4–6) and feedalign's")
-    for f in dataclasses.fields(Options):
+# The help's groups, as docs/original.md §9's option table reads: title -> the Options fields
+# shown under it, in that order. A field missing here is shown under "other" (a test
+# keeps that group empty).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "model (docs/original.md §2)": (
+        "network", "modelsFolder", "num_layers", "num_hidden", "nonlin", "dropout", "dropout_rate",
+        "batchnorm", "bias", "init", "heads", "context"),
+    "learning rule (docs/rules.md)": ("gradient", "rfb_mag", "feedback_init", "taps", "error_at"),
+    "optimisation (docs/original.md §4)": (
+        "criterion", "optimization", "LR", "batchSize", "epoch", "iterations", "momentum", "weightDecay",
+        "LRDecay", "beta1", "beta2", "epoch_step", "lr_milestones", "lr_gamma", "warmup", "lr_schedule",
+        "min_lr", "clip", "maxInNorm", "maxOutNorm", "eps", "accGradient"),
+    "data (docs/original.md §5, docs/data.md)": (
+        "dataset", "datapath", "normalization", "format", "whiten", "augment", "jitter", "hflip", "resize",
+        "validate", "svhn_extra", "preProcDir", "eval_windows"),
+    "run: where it is written, what it records (docs/design.md)": (
+        "save", "seed", "load", "eval_every", "visualize", "quiet", "tensorboard", "alignment"),
+    "platform (docs/original.md §6)": ("threads", "type", "devid", "nGPU", "amp", "compile_optimizer",
+                                       "memory_format"),
+}  # fmt: skip
+OTHER = "other"
+
+
+def grouped_fields() -> dict[str, list[dataclasses.Field]]:
+    """GROUPS' titles -> their Options fields; fields GROUPS does not name under OTHER."""
+    fields = {f.name: f for f in dataclasses.fields(Options)}
+    out = {title: [fields[n] for n in names if n in fields] for title, names in GROUPS.items()}
+    named = {n for names in GROUPS.values() for n in names}
+    out[OTHER] = [f for name, f in fields.items() if name not in named]
+    return out
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, *, hidden: bool = False) -> None:
+    """One argument per Options field, in GROUPS' groups; unset ones stay absent (SUPPRESS)
+    so that we know what the user gave. `hidden`: accepted but left out of the help."""
+    for title, fields in grouped_fields().items():
+        if fields:
+            _add_group(parser if hidden else parser.add_argument_group(title), fields, hidden)
+
+
+def _add_group(group, fields: list[dataclasses.Field], hidden: bool) -> None:
+    for f in fields:
         names = [f"-{f.name}", f"--{f.name}"]
         if kebab(f.name) != f.name:
             names.append(f"--{kebab(f.name)}")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = f.metadata.get("shown") or (default if default != "" else "none")
         helptext = f"{f.metadata['help']} (default: {shown})"
-        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS,
+                    "help": argparse.SUPPRESS if hidden else helptext}  # fmt: skip
         if f.type in ("bool", bool):
             kw |= {"nargs": "?", "const": True, "type": _bool, "metavar": "BOOL"}
         elif f.type in ("int", int):
@@ -62,19 +100,43 @@ def _bool(s: str) -> bool:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a network (the original's Main.lua)", allow_abbrev=False,
-                       description="Train with bp, fa or dfa. Example: feedalign train -dataset MNIST "
-                       "-network mlp -LR 1e-4 -eps 0.08")  # fmt: skip
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
-    p.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
+    p = sub.add_parser("train", help="train a network by one rule (the original's Main.lua)",
+                       allow_abbrev=False, description=train_description(),
+                       usage="feedalign train [-h] [-OPTION VALUE ...] [--resume DIR [--trust-model-file]]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_option_arguments(p)
+    resume = p.add_argument_group("resume")
+    resume.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    resume.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     p.set_defaults(func=run_train)
-    e = sub.add_parser("eval", help="test error and loss of a saved run", allow_abbrev=False)
+    e = sub.add_parser("eval", help="test (or training) error and loss of a saved run", allow_abbrev=False)
     e.add_argument("run_dir", help="a run directory holding options.json and checkpoint.pt")
     e.add_argument("--split", choices=("test", "train"), default="test", help="which split (default test)")
     e.add_argument("--datapath", help="dataset folder, if it moved since training")
     e.add_argument("--trust-model-file", action="store_true", help=TRUST_HELP)
     e.set_defaults(func=run_eval)
+
+
+def train_description() -> str:
+    """`feedalign train --help`'s opening: every rule of the table, by kind."""
+    import textwrap
+
+    from feedalign.rules import RULES
+
+    kinds = {"bp": "the reference", "per-layer": "the error goes down through a B per layer",
+             "direct": "taps after the hidden blocks receive a projected signal",
+             "local": "each hidden block learns from a loss of its own"}  # fmt: skip
+    lines = ["Train a network with one learning rule (-gradient, default dfa):"]
+    for kind, what in kinds.items():
+        names = [name for name, rule in RULES.items() if rule.kind == kind]
+        if names:
+            lines.append(textwrap.fill(f"{', '.join(names)}: {what}", 88, initial_indent="  ",
+                                       subsequent_indent="    "))  # fmt: skip
+    lines += ["(docs/rules.md: each rule's equation and when to use it). Every option of the original",
+              "is accepted under its own name, with one or two dashes, and in lowercase (--lr,",
+              "--batch-size). Example:",
+              "  feedalign train -dataset MNIST -network mlp -gradient fa -LR 1e-4"]  # fmt: skip
+    return "\n".join(lines)
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
