@@ -68,9 +68,9 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
     if isinstance(err, FileNotFoundError) and err.filename is None:
         return EXIT_FILE, f"error: {err}"  # our own "no checkpoint at …" messages
     if isinstance(err, OSError):
-        where = f" {err.filename}" if err.filename else ""
+        where = f"{err.filename}: " if err.filename else ""
         advice = "check that the path exists, is the right kind (file or folder), is writable, and has room"
-        return EXIT_FILE, f"error:{where}: {err.strerror or err}; {advice}"
+        return EXIT_FILE, f"error: {where}{err.strerror or err}; {advice}"
     return None
 
 

@@ -55,13 +55,19 @@ def _torch_load(source, name: str | os.PathLike):
         raise FileNotFoundError(f"no checkpoint at {name}") from None
     except IsADirectoryError:
         raise CheckpointError(f"{name} is a folder, not a checkpoint file") from None
-    except OSError:
-        raise  # unreadable: the CLI reports the path and the OS's reason
+    except PermissionError:
+        raise CheckpointError(f"{name} cannot be read (permission denied); give yourself read permission "
+                              "on it (chmod u+r) or use a copy you can read") from None  # fmt: skip
+    except OSError as err:
+        if err.filename is not None:  # the OS refused the file itself: the CLI names it and the reason
+            raise
+        why = _why(err, source)  # torch's reader ran past the end of a cut file: an errno, no path
     except Exception as err:  # not torch's format, truncated, or holding code: say which file and why
-        raise CheckpointError(
-            f"{name} is not a readable checkpoint (a file written by feedalign, or torch.save of a "
-            f"state_dict): {_why(err, source)}"
-        ) from None
+        why = _why(err, source)
+    raise CheckpointError(
+        f"{name} is not a readable checkpoint (a file written by feedalign, or torch.save of a state_dict): "
+        f"{why}"
+    )
 
 
 def _why(err: Exception, source) -> str:
@@ -72,12 +78,14 @@ def _why(err: Exception, source) -> str:
     else:
         with open(source, "rb") as f:
             head = f.read(4)
+    if not head:
+        return "it is empty (0 bytes: a copy or a write that did not finish); use an intact copy"
     found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(err))
     if found:
         return f"it holds Python objects ({found.group(1)}), not only tensors; feedalign does not load those"
     if not head.startswith(b"PK") and not head.startswith(b"\x80"):
         return "it is not in torch.save's format"
-    return "torch.save's archive in it is damaged (truncated or corrupted)"
+    return "torch.save's archive in it is damaged (truncated or corrupted); use an intact copy"
 
 
 def load(path: str | os.PathLike) -> dict:

@@ -342,6 +342,8 @@ class Options:
             if h < 1:
                 raise OptionError(f"-network conv needs images of at least 15×15 (three 3/2 poolings), "
                                   f"{self.dataset} has {shape}: use -network mlp")  # fmt: skip
+        if self.load != "none" and Path(self.load).is_dir():
+            raise OptionError(f"-load {self.load}: is a folder; give a weights file (a checkpoint.pt)")
         if self.load != "none" and not Path(self.load).is_file():
             raise OptionError(f"-load {self.load}: no such file")
 

@@ -83,10 +83,21 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write_text(path, dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_text(path: Path, errors: str = "strict") -> str:
+    """A run directory's text file; a folder in its place or a refused read is a RunFileError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8", errors=errors)
+    except IsADirectoryError:
+        raise RunFileError(f"{path} is a folder, not a file; move it away (or restore the file)") from None
+    except PermissionError:
+        raise RunFileError(f"{path}: cannot be read (permission denied); give yourself read permission "
+                           "on it (chmod u+r)") from None  # fmt: skip
+
+
 def read_json(path: Path) -> dict:
     """A JSON object from a run directory, or RunFileError naming the file and the fault."""
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise RunFileError(f"{path}: not valid JSON ({err}); restore it from a copy") from None
     except UnicodeDecodeError as err:
@@ -116,7 +127,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     if not path.exists():
         return []
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    lines = [line for line in read_text(path, errors="replace").splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines, 1):
         try:
@@ -141,6 +152,10 @@ class RunLog:
         self.dir = run_dir
         self.visualize = visualize
         self.records = [r for r in read_metrics(run_dir) if r["epoch"] <= resume_epoch]
+        missing = sorted(set(range(1, resume_epoch + 1)) - {r["epoch"] for r in self.records})
+        if missing:  # the file was cut or emptied since: say so, the checkpoint goes on regardless
+            log.warning(f"{run_dir / METRICS} lacks the records of epoch(s) {_spans(missing)} that the "
+                        "checkpoint has trained; training goes on, those records stay missing")  # fmt: skip
         self._rewrite()
         self.tb = None
         if tensorboard:
@@ -169,6 +184,17 @@ class RunLog:
         write_json(self.dir / FINISHED, {"reason": reason, "epochs": len(self.records)})
         if self.tb is not None:
             self.tb.close()
+
+
+def _spans(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 def _error_rate_line(record: dict) -> str:

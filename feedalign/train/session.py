@@ -15,6 +15,7 @@ The run directory (rank 0 writes it):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -22,6 +23,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +43,11 @@ from feedalign.train.memory import keep_freed_memory
 from feedalign.train.optim import Optimizer, Schedule, parse_milestones
 from feedalign.train.runlog import (
     FINISHED,
+    METRICS,
     RunLog,
     default_run_dir,
     environment,
+    read_metrics,
     write_json,
 )
 
@@ -105,6 +109,8 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
             log.info(f"{run_dir} has finished ({saved['epoch']} epochs); nothing to do. A larger "
                      "-epoch extends it")  # fmt: skip
             return run_dir
+        if resume and rt.is_main:
+            read_metrics(run_dir)  # unreadable or damaged: said now, before the data loads or a file changes
         data = _load_data_in_rank_order(opts, rt)
         run = Run.build(opts, rt, run_dir, data, saved)  # refuses a checkpoint of another network
         if rt.is_main:  # all checks passed: the first writes
@@ -271,7 +277,8 @@ class Run:
                      f"{st.seconds:.1f}s | test error {100 * test_error:.2f}% "
                      f"loss {test_loss:.4g}")  # fmt: skip
         if self.runlog is not None:
-            self.runlog.add(record)
+            with self.writing(self.dir / METRICS, "the epoch's record; the previous checkpoint is kept"):
+                self.runlog.add(record)
         return reason
 
     def checkpoint(self, epoch: int, st: EpochState) -> None:
@@ -284,16 +291,22 @@ class Run:
                      "loss_sum": torch.tensor(loss_sum, dtype=torch.float64)}  # fmt: skip
         if not self.rt.is_main:
             return
-        path = self.dir / ckpt.CHECKPOINT
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "schedule": self.schedule.state_dict(), "epoch": epoch, "epoch_state": sums, "rng": rngs,
                  "world_size": self.rt.world_size, "options": self.opts.to_dict()}  # fmt: skip
+        with self.writing(self.dir / ckpt.CHECKPOINT, "the checkpoint; the previous one is kept"):
+            ckpt.save(state, self.dir / ckpt.CHECKPOINT)
+
+    @contextlib.contextmanager
+    def writing(self, path: Path, what: str) -> Iterator[None]:
+        """The OS refusing a write (disk full, a file-size limit) stops the run with one line naming
+        the file, what was kept and how to continue."""
         try:
-            ckpt.save(state, path)
+            yield
         except OSError as err:
-            raise OSError(err.errno, f"{err.strerror} while writing the checkpoint; the previous one is "
-                          f"kept. Free space (or raise the file-size limit) and continue with: "
-                          f"{resume_command(self.dir)}", str(path)) from None  # fmt: skip
+            raise OSError(err.errno, f"{err.strerror} while writing {what}. Free space (or raise the "
+                          f"file-size limit) and continue with: {resume_command(self.dir)}",
+                          err.filename or str(path)) from None  # fmt: skip
 
 
 def _restore(saved: dict | None, model: nn.Module, optimizer: Optimizer, schedule: Schedule,
