@@ -4,10 +4,12 @@ PyTorch back-prop of the same model (bench/lm_throughput.py's model, batch and s
     python bench/lm_step_profile.py --rounds 10              # dfa and dfa micro
     python bench/lm_step_profile.py --rule drtp --rounds 10
 
-Prints, per variant, the matrix-product FLOPs of one step (torch.utils.flop_counter) and
-the self time of every matrix product by operand shapes (torch.profiler, `--rounds`
-interleaved rounds of `--steps` steps each, per step): a product that only one variant
-runs is what its rule adds or removes.
+Prints, per variant, the matrix-product FLOPs of one step (torch.utils.flop_counter); the
+self time of every matrix product by operand shapes (torch.profiler, per step, median
+over `--rounds` interleaved rounds of `--steps` steps): a product that only one variant
+runs is what its rule adds or removes; and, timed alone on this process's CPU clock, the
+rule's projection e·B against the product of back-prop's it replaces and the model's
+largest product (GFLOP/s: whether the projection runs at the speed of the others).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import statistics
+import time
 
 import torch
-from lm_throughput import make_step, recipe_gpt  # bench/ is the script's folder
+from lm_throughput import BATCH, CONTEXT, VOCAB, make_step, recipe_gpt  # bench/ is the script's folder
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -38,35 +42,60 @@ def main() -> None:
     keep_freed_memory()
     plain, x, y = recipe_gpt()
     steps = {"plain PyTorch": make_step(plain, x, y)}
+    columns = {}  # Σ n_i: the columns of B, per placement of the taps
     for taps in ("macro", "micro"):
         model = feedalign.convert(copy.deepcopy(plain), args.rule, seed=0, taps=taps)
         steps[f"{args.rule} {taps}"] = make_step(model, x, y)
+        steps[f"{args.rule} {taps}"]()  # draws B
+        columns[taps] = sum(b.shape[1] for b in feedalign.feedback(model))
     for name, step in steps.items():
         step()  # sizes the taps
         with FlopCounterMode(display=False) as flops:
             step()
         print(f"{name}: {flops.get_total_flops() / 1e6:,.1f} MFLOP of matrix products per step")
-    seconds = {name: collections.Counter() for name in steps}
-    calls = {name: collections.Counter() for name in steps}
+    rounds: dict[str, list[collections.Counter]] = {name: [] for name in steps}
+    calls: dict[str, collections.Counter] = {}
     for _ in range(args.rounds):
         for name, step in steps.items():
             with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 for _ in range(args.steps):
                     step()
+            seconds, calls[name] = collections.Counter(), collections.Counter()
             for event in prof.key_averages(group_by_input_shape=True):
                 if event.key in PRODUCTS:
                     shape = " · ".join("×".join(map(str, s)) for s in event.input_shapes if s)
-                    seconds[name][shape] += event.self_cpu_time_total
-                    calls[name][shape] += event.count
-    n = args.rounds * args.steps
-    shapes = sorted(set().union(*seconds.values()), key=lambda k: -max(seconds[v][k] for v in steps))
-    print(f"\nself time of the matrix products per step, µs (calls per step), {args.rounds} rounds:\n")
+                    seconds[shape] += event.self_cpu_time_total / args.steps
+                    calls[name][shape] += event.count // args.steps
+            rounds[name].append(seconds)
+    shapes = sorted(set().union(*calls.values()), key=lambda k: -max(calls[v][k] for v in steps))
+    median = {v: {k: statistics.median(r[k] for r in rounds[v]) for k in shapes} for v in steps}
+    print(f"\nself time of the matrix products per step, µs (calls per step), median of {args.rounds}:\n")
     print("| operands | " + " | ".join(steps) + " |")
     print("|---|" + "---:|" * len(steps))
-    for shape in shapes:
-        cells = [f"{seconds[v][shape] / n:,.0f} ({calls[v][shape] // n})" for v in steps]
+    for shape in sorted(shapes, key=lambda k: -max(median[v][k] for v in steps)):
+        cells = [f"{median[v][shape]:,.0f} ({calls[v][shape]})" for v in steps]
         print(f"| {shape} | " + " | ".join(cells) + " |")
-    print("| total | " + " | ".join(f"{sum(seconds[v].values()) / n:,.0f}" for v in steps) + " |")
+    totals = [statistics.median(sum(r.values()) for r in rounds[v]) for v in steps]
+    print("| total | " + " | ".join(f"{t:,.0f}" for t in totals) + " |")
+    width, m = plain.wte.weight.shape[1], BATCH * CONTEXT
+    alone = {
+        f"e·B, {args.rule} macro's projection": (m, VOCAB, columns["macro"]),
+        f"e·B, {args.rule} micro's projection": (m, VOCAB, columns["micro"]),
+        "e·W_head, back-prop's head input gradient": (m, VOCAB, width),
+        "the MLP's first product": (m, width, 4 * width),
+    }
+    print("\nalone, process CPU time, median of 21 × 20 calls:\n")
+    for label, (m, k, n) in alone.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        times = []
+        for _ in range(21):
+            t0 = time.process_time()
+            for _ in range(20):
+                a @ b
+            times.append((time.process_time() - t0) / 20)
+        t = statistics.median(times)
+        rate = 2 * m * k * n / t / 1e9
+        print(f"- {label}: ({m} × {k}) · ({k} × {n}): {t * 1e6:,.0f} µs, {rate:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":
