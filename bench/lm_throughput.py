@@ -5,7 +5,7 @@ for back-prop: an ordinary nn.Module, no hook or custom Function, trained by aut
 The row `bp` is a copy put through `feedalign.convert(model, "bp")`: the same
 computation, so its ratio shows the noise of the measurement.
 
-    python bench/lm_throughput.py --rounds 25 --steps 5 --clock cpu   # every rule (BENCHMARKS.md)
+    python bench/lm_throughput.py --rounds 25 --steps 5 --clock cpu   # every rule of feedalign.RULES
     python bench/lm_throughput.py --rules bp dfa --rounds 41 --clock cpu   # bp, dfa and dfa micro only
 
 Every variant runs the recipe's step: forward, cross-entropy over every position,
@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
     plain, x, y = recipe_gpt()
     steps = {"plain PyTorch": make_step(plain, x, y)}
     for label, rule, taps in variants(args.rules):
-        steps[label] = make_step(feedalign.convert(copy.deepcopy(plain), rule, seed=0, taps=taps), x, y)
+        # example: a batch run once at conversion (the local rules size their heads by it)
+        model = feedalign.convert(copy.deepcopy(plain), rule, seed=0, taps=taps, example=x)
+        steps[label] = make_step(model, x, y)
     for step in steps.values():
         for _ in range(args.warmup):  # sizes the taps, runs the first-forward checks
             step()
