@@ -105,35 +105,98 @@ def classify(model: nn.Module) -> dict[str, str]:
 
 
 def describe(model: nn.Module) -> str:
-    """A summary of `model`'s conversion: its rule, the direct rules' taps (the blocks
-    whose input each cuts, and n_i once sized) and output layer, and which rule trains
-    each parameter (parameters grouped by the module holding them)."""
+    """In plain words, what a conversion did: the rule, the output layer and, for the direct
+    and local rules, where each tap is, what feeds it and which block it trains; then
+    every parameter by the error it learns from (grouped by the module holding it)."""
+    from feedalign.rules import RULES
+
     rule = rule_of(model)
-    lines = [f"{type(model).__name__} learning by {rule}"]
+    known = RULES.get(rule)
+    lines = [f"{type(model).__name__} learning by {rule}" + (f": {known.summary}" if known else "")]
     taps = [m for m in model.modules() if isinstance(m, Tap) and m.rule]
     outputs = [m for m in model.modules() if isinstance(m, Output) and m.rule]
+    blocks = outputs[0].blocks if outputs else []
+    out_site = outputs[0].site if outputs else ""
     for out in outputs:
-        n_out = out.feedback.shape[0] if out.ready else "?"
-        lines.append(f"  output: {out.site or 'the model output'} (error e over {n_out} outputs)")
+        n_out = f"{out.feedback.shape[0]} outputs" if out.ready else "outputs counted at the first forward"
+        lines.append(f"  output layer {out.site or '(the model output)'}: learns from the true error "
+                     f"e = dL/dy ({n_out})")  # fmt: skip
     heads = [h for out in outputs if isinstance(out, LocalOutput) for h in out.heads]
+    trains: dict[str, str] = {}  # block -> the signal that trains it, as the tap lines name it
     for tap in taps:
-        sizes = tap.broadcast.sizes if tap.broadcast is not None else []
-        n = sizes[tap.index] if tap.index < len(sizes) else ("-" if tap.broadcast is None else "?")
-        where = f"{getattr(tap, 'cuts', 'input')} of {tap.site}" if tap.site else "placed by hand"
-        lines.append(f"  tap {tap.index if tap.broadcast is not None else '-'}: {where}, n_i = {n}")
+        if tap.broadcast is None:  # shallow: the tap only stops the error
+            lines.append(f"  a tap at the {tap.cuts} of {tap.site or 'a hand-placed Tap'} stops the error: "
+                         "nothing before it learns")  # fmt: skip
+            continue
+        sizes = tap.broadcast.sizes
+        n = (
+            f"{sizes[tap.index]} values per sample"
+            if tap.index < len(sizes)
+            else "sized at the first forward"
+        )
         used = [i for i, k in enumerate(sizes) if k]  # taps with a head (not fed token ids)
-        if tap.index in used and used.index(tap.index) < len(heads):
-            lines.append(f"    local head {used.index(tap.index)}: {heads[used.index(tap.index)].summary()}")
-    signal = "its own loss, at the tap after it" if heads else "the signal at the next tap down"
+        head = used.index(tap.index) if tap.index in used and used.index(tap.index) < len(heads) else None
+        signal = _signal(known, tap.index, head)
+        block = _block_before(tap, blocks, out_site)
+        if block is not None and block not in trains:
+            trains[block] = f"{signal} at tap {tap.index}"
+        what = "what runs before it, outside the blocks" if tap.site else "the layers up to the tap before it"
+        if block:
+            what = f"block {block} ({type(model.get_submodule(block)).__name__})"
+        where = f"the {tap.cuts} of {tap.site}" if tap.site else "a hand-placed Tap"
+        lines.append(f"  tap {tap.index} at {where} ({n}): {signal} trains {what}")
+        if head is not None:
+            lines.append(f"    local head {head}: {heads[head].summary()}")
+    lines.append("  each parameter learns from:")
     by_group: dict[str, list[str]] = {}
     for name, group in classify(model).items():
         holder = name
         if group.startswith(f"{rule} block "):  # one entry per block, not per parameter inside
-            group, holder = f"{rule}, blocks ({signal})", group.split()[-1]
+            holder = group.split()[-1]
+            group = (
+                f"{trains.get(holder, 'the signal at the next tap down')}, back-propagated within the block"
+            )
+        else:
+            group = _plain(group, rule, bool(taps))
         entries = by_group.setdefault(group, [])
         if holder not in entries:
             entries.append(holder)
-    lines.append("  parameters:")
     for group, holders in by_group.items():
         lines.append(f"    {group}: {', '.join(holders)}")
     return "\n".join(lines)
+
+
+def _signal(rule, index: int, head: int | None) -> str:
+    """What tap `index` hands back, in the rule's terms."""
+    if head is not None or (rule is not None and rule.kind == "local"):
+        return f"the gradient of local head {head if head is not None else index}'s own loss"
+    if rule is not None and rule.signal == "target":
+        return f"the projected target −s·y*·B_{index}"
+    return f"e·B_{index}"
+
+
+def _block_before(tap: Tap, blocks: list[str], out_site: str) -> str | None:
+    """The block a tap's signal trains: the one before the block (or output layer) whose
+    input it cuts; under taps="micro", the block holding the sub-module whose output it cuts."""
+    if tap.cuts == "output":
+        return _owner(tap.site, blocks)
+    order = [*blocks, out_site]
+    at = order.index(tap.site) if tap.site in order else -1
+    return blocks[at - 1] if at >= 1 else None
+
+
+def _plain(group: str, rule: str, direct: bool) -> str:
+    """classify()'s group names as a start-up summary reads them."""
+    if group == LOCAL and direct:
+        return "the error that reaches it from the tap after it (outside the blocks; before the first: tap 0)"
+    if group == LOCAL:
+        return f"the error that reaches it (the usual gradient, given the error {rule} delivers)"
+    if group.startswith("per-layer rule "):
+        return f"{rule}: the error sent down through B instead of Wᵀ" + group.removeprefix(
+            f"per-layer rule {rule}"
+        )
+    if group.startswith("output layer"):
+        return "the true error e (the output layer)"
+    if group.startswith("fixed"):
+        return "fixed: no gradient (shallow: hidden layers keep their initial random weights)"
+    return group

@@ -99,8 +99,21 @@ def test_blocks_are_found_automatically_and_listed(name):
     text = feedalign.describe(model)
     for block in SITES[name][:-1]:
         assert block in text
-    assert f"output: {SITES[name][-1]}" in text
+    assert f"output layer {SITES[name][-1]}: learns from the true error e" in text
     assert "dfa_taps" in repr(model)  # the taps, kept together on the root
+
+
+def test_describe_says_which_tap_trains_which_block_in_plain_words():
+    model = feedalign.build_model("mlp", (1, 8, 8), 10, rule="dfa", seed=0, num_hidden=16)
+    model(torch.rand(2, 1, 8, 8))  # sizes the taps
+    text = feedalign.describe(model)
+    assert text.startswith("Sequential learning by dfa: each hidden block gets e·B_i")
+    assert "tap 0 at the input of 3 (16 values per sample): e·B_0 trains block 1 (Linear)" in text
+    assert "tap 1 at the input of 5 (16 values per sample): e·B_1 trains block 3 (Linear)" in text
+    assert "e·B_1 at tap 1, back-propagated within the block: 3" in text
+    assert "the true error e (the output layer): 5.weight, 5.bias" in text
+    drtp = feedalign.describe(feedalign.build_model("mlp", (1, 8, 8), 10, rule="drtp", seed=0, num_hidden=16))
+    assert "tap 0 at the input of 3 (16 values per sample): the projected target −s·y*·B_0 trains" in drtp
 
 
 def test_describe_lists_locally_learning_parameters():

@@ -79,12 +79,11 @@ def errors(caplog) -> str:
 # --- bad: a finished run stays finished ---------------------------------------------------------
 
 
-def test_resume_of_a_finished_run_changes_nothing_and_a_larger_epoch_extends_it(finished, tmp_path, caplog):
-    caplog.set_level(logging.INFO, "feedalign")
+def test_resume_of_a_finished_run_changes_nothing_and_a_larger_epoch_extends_it(finished, tmp_path, capsys):
     run = copy(finished, tmp_path)
     before = snapshot(run)
     assert main(["train", "--resume", str(run)]) == 0
-    assert "has finished (1 epochs); nothing to do" in caplog.text
+    assert "has finished (1 epochs); nothing to do" in capsys.readouterr().out
     assert snapshot(run) == before
     assert main(["train", "--resume", str(run), "-epoch", "2"]) == 0
     assert [json.loads(x)["epoch"] for x in (run / METRICS).read_text().splitlines()] == [1, 2]

@@ -155,6 +155,7 @@ def test_schedule_and_adamw_groups_follow_nanogpt():
 
 def test_sample_is_seeded_and_refuses_unknown_characters(tmp_path, capsys, caplog):
     run = train(lm_opts(tmp_path, gradient="dfa"))
+    capsys.readouterr()  # the run's own lines
     a = sample(run, tokens=30, prompt="To", seed=1)
     assert a.startswith("To") and len(a) == 32 and a == sample(run, tokens=30, prompt="To", seed=1)
     assert main(["sample", str(run), "--tokens", "30", "--prompt", "To", "--seed", "1"]) == 0

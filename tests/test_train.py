@@ -570,3 +570,21 @@ def test_threads_default_to_the_usable_cores_at_most_8(monkeypatch, cores, local
     else:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
     assert dist.default_threads() == expected and Options().threads == expected
+
+
+def test_results_go_to_stdout_and_logs_to_stderr(tmp_path):
+    """`feedalign train ... > log` keeps what the run is, each epoch and how it ended;
+    the data and cache notes (and progress bars, warnings, errors) stay on stderr."""
+    cmd = [sys.executable, "-m", "feedalign", "train", "-dataset", "digits", "-datapath", str(tmp_path / "D"),
+           "-preProcDir", str(tmp_path / "P"), "-epoch", "2", "-num_hidden", "16", "-seed", "7",
+           "-threads", "1", "-type", "float", "-save", str(tmp_path / "run")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout.splitlines()
+    assert (
+        out[0].startswith("digits: 1497 training / 300 test samples") and "seed 7 (-seed 7 repeats" in out[0]
+    )
+    assert out[1].startswith("Sequential learning by dfa") and "e·B_0 trains block 1" in res.stdout
+    assert [x.split(":")[0] for x in out if x.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+    assert out[-1].startswith("finished: reached -epoch 2. Test error ") and "s of training" in out[-1]
+    assert "epoch 1" not in res.stderr and "finished" not in res.stderr and "preprocessing:" in res.stderr

@@ -143,6 +143,36 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return records
 
 
+def say(text: str) -> None:
+    """A result — what the run is, each epoch's figures, how it ended — on standard output
+    (`feedalign train ... > log` keeps them); logs, progress bars, warnings and errors go
+    to standard error (logging, tqdm)."""
+    print(text, flush=True)
+
+
+def summary(records: list[dict], reason: str, run_dir: Path) -> str:
+    """The run's last line: why it ended, its final and best figures, its training time."""
+    if not records:
+        return f"finished: {reason}; run directory {run_dir}"
+    last, seconds = records[-1], sum(r.get("seconds") or 0.0 for r in records)
+    if "test_bpc" in last:  # text: validation loss, in nats and bits per character
+        best = min(records, key=lambda r: r["test_loss"] if r["test_loss"] is not None else math.inf)
+        figures = (f"validation loss {last['test_loss']:.4f} ({last['test_bpc']:.3f} bits/char) at "
+                   f"iteration {last['iteration']} (best {best['test_loss']:.4f} at iteration "
+                   f"{best['iteration']})")  # fmt: skip
+    else:
+        best = min(records, key=lambda r: r["test_error"] if r["test_error"] is not None else math.inf)
+        figures = (f"test error {_pct(last['test_error'])} after epoch {last['epoch']} (best "
+                   f"{_pct(best['test_error'])} at epoch {best['epoch']}), training error "
+                   f"{_pct(last['train_error'])}")  # fmt: skip
+    figures = figures[0].upper() + figures[1:]
+    return f"finished: {reason}. {figures}; {seconds:.1f} s of training; run directory {run_dir}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
 class RunLog:
     """Appends one record per epoch; on resume, keeps only epochs ≤ the checkpoint's
     (and so repairs a torn last line)."""

@@ -48,6 +48,8 @@ from feedalign.train.runlog import (
     default_run_dir,
     environment,
     read_metrics,
+    say,
+    summary,
     write_json,
 )
 
@@ -106,8 +108,9 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     with rundir.owned(run_dir, is_main=rt.is_main):
         saved = _restore_point(run_dir, resume, rt)
         if resume and rundir.already_finished(opts, before, saved["epoch"], (run_dir / FINISHED).exists()):
-            log.info(f"{run_dir} has finished ({saved['epoch']} epochs); nothing to do. A larger "
-                     "-epoch extends it")  # fmt: skip
+            if rt.is_main:
+                say(f"{run_dir} has finished ({saved['epoch']} epochs); nothing to do. A larger -epoch "
+                    "extends it")  # fmt: skip
             return run_dir
         if resume and rt.is_main:
             read_metrics(run_dir)  # unreadable or damaged: said now, before the data loads or a file changes
@@ -217,10 +220,11 @@ class Run:
             what = (f"{len(data.train_x)} training characters / {len(data.test_x)} validation windows of "
                     f"{opts.context}, vocabulary {len(data.classes)}")  # fmt: skip
         threads = f", {torch.get_num_threads()} thread(s)" if rt.device.type == "cpu" else ""
-        log.info(f"{opts.dataset}: {what}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
-                 f"process(es) on {rt.device}{threads}; seed {opts.seed};"
-                 f" run directory {run_dir}")  # fmt: skip
-        log.info(describe(model))  # which rule trains which parameter
+        if rt.is_main:  # what the run is, on standard output with its results
+            say(f"{opts.dataset}: {what}; {opts.network} learning by {opts.gradient}; {rt.world_size} "
+                f"process(es) on {rt.device}{threads}; seed {opts.seed} (-seed {opts.seed} repeats the "
+                f"run); run directory {run_dir}")  # fmt: skip
+            say(describe(model))  # which rule trains which parameter
         return cls(opts, rt, run_dir, model, optimizer, schedule, step, _loader(opts, data, rt), test,
                    first_epoch, state)  # fmt: skip
 
@@ -252,7 +256,7 @@ class Run:
             reason = f"reached -epoch {self.opts.epoch}"
         if reason is not None and self.runlog is not None:
             self.runlog.finish(reason)
-            log.info(f"finished: {reason}; run directory {self.dir}")
+            say(summary(self.runlog.records, reason, self.dir))
         return reason
 
     def record(self, epoch: int, lr: float) -> str | None:
@@ -268,15 +272,18 @@ class Run:
                   "lr": lr, "seconds": st.seconds} | _means(st.extras)  # fmt: skip
         if self.opts.text:
             record |= _text_metrics(self.opts, epoch, record, seen, st.seconds)
-            log.info(f"iteration {record['iteration']}: train loss {record['train_loss']:.4f} "
-                     f"({record['train_bpc']:.3f} bits/char) | validation {test_loss:.4f} "
-                     f"({record['test_bpc']:.3f}) | {record['tokens_per_s']:.0f} tokens/s")  # fmt: skip
+            line = (f"iteration {record['iteration']}: train loss {record['train_loss']:.4f} "
+                    f"({record['train_bpc']:.3f} bits/char) | validation {test_loss:.4f} "
+                    f"({record['test_bpc']:.3f}) | {record['tokens_per_s']:.0f} tokens/s")  # fmt: skip
         else:
-            log.info(f"epoch {epoch}: train error {100 * record['train_error']:.2f}% (smoothed "
-                     f"{100 * self.schedule.smoothed:.2f}%) loss {record['train_loss']:.4g} lr {lr:.3g} "
-                     f"{st.seconds:.1f}s | test error {100 * test_error:.2f}% "
-                     f"loss {test_loss:.4g}")  # fmt: skip
+            of = f"/{self.opts.epoch}" if self.opts.epoch != -1 else ""
+            line = (f"epoch {epoch}{of}: train error {100 * record['train_error']:.2f}% loss "
+                    f"{record['train_loss']:.4g} | test error {100 * test_error:.2f}% loss {test_loss:.4g} | "
+                    f"lr {lr:.3g} | {st.seconds:.1f} s")  # fmt: skip
+            if self.opts.epoch_step == 0:  # the auto schedule halves the LR when an epoch does not beat it
+                line += f" | smoothed train error {100 * self.schedule.smoothed:.2f}%"
         if self.runlog is not None:
+            say(line)
             with self.writing(self.dir / METRICS, "the epoch's record; the previous checkpoint is kept"):
                 self.runlog.add(record)
         return reason
