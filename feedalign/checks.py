@@ -35,14 +35,32 @@ def one_of(*allowed: int) -> Limit:
     return (lambda v: is_int(v) and v in allowed, words)
 
 
+def probability() -> Limit:
+    return (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "in [0, 1)")
+
+
+def shape() -> Limit:
+    """A per-sample input shape: a tuple (or list) of integers >= 1, e.g. (1, 28, 28)."""
+    return (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(is_int(d) and d >= 1 for d in v),
+            "a non-empty tuple of integers >= 1, the per-sample shape, e.g. (1, 28, 28)")  # fmt: skip
+
+
+SEED_LIMIT = 2**63  # seeds are int64 tensors across ranks; torch takes up to 2**64 - 1
+SEED: Limit = (lambda v: v is None or (is_int(v) and 0 <= v < SEED_LIMIT),
+               "an integer in [0, 2**63), or none (drawn)")  # fmt: skip
+
+# convert's numeric arguments (also options: -rfb_mag, -seed).
+CONVERT_LIMITS: dict[str, Limit] = {"rfb_mag": finite_at_least(0), "seed": SEED}
+
 # build_model's arguments that are also options (same names): one table for both.
-MODEL_LIMITS: dict[str, Limit] = {
+MODEL_LIMITS: dict[str, Limit] = CONVERT_LIMITS | {
     "n_classes": int_at_least(1),
     "num_layers": int_at_least(1),
     "num_hidden": int_at_least(1),
     "dropout": one_of(0, 1, 2),
     "batchnorm": one_of(0, 1, 2),
-    "rfb_mag": finite_at_least(0),
+    "heads": int_at_least(1),
+    "dropout_rate": probability(),
 }
 
 

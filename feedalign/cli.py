@@ -42,6 +42,7 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
     from feedalign.data import DatasetError
     from feedalign.data.download import DownloadError
     from feedalign.dist import FeedbackMismatch
+    from feedalign.models import ModelFileError
     from feedalign.train.checkpoint import CheckpointError
     from feedalign.train.config import OptionError
     from feedalign.train.loop import Diverged
@@ -63,7 +64,7 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
         return EXIT_FILE, f"download failed: {err}"
     if isinstance(err, (DatasetError, CheckpointError, RunFileError)):
         return EXIT_FILE, f"error: {err}"
-    if isinstance(err, (OptionError, FeedbackMismatch)):
+    if isinstance(err, (OptionError, FeedbackMismatch, ModelFileError)):
         return EXIT_USAGE, f"error: {err}"
     if isinstance(err, FileNotFoundError) and err.filename is None:
         return EXIT_FILE, f"error: {err}"  # our own "no checkpoint at …" messages

@@ -280,7 +280,7 @@ def test_a_missing_dataset_is_a_file_error_and_leaves_no_run_directory(tmp_path,
     (["-weightDecay", "inf"], "-weightDecay inf is not allowed"),
     (["-LRDecay", "inf"], "-LRDecay inf is not allowed"),
     (["-rfb_mag", "inf"], "-rfb_mag inf is not allowed"),
-    (["-seed", str(2**64)], "-seed 18446744073709551616 is not allowed; it must be in [0, 2**63)"),
+    (["-seed", str(2**64)], "-seed 18446744073709551616 is not allowed; it must be an integer in [0, 2**63)"),
     (["-batchSize", "1", "-batchnorm", "1"], "BatchNorm cannot normalise a batch of one sample"),
 ])  # fmt: skip
 def test_impossible_values_are_refused(tmp_path, caplog, argv, expect):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from feedalign.checks import MODEL_LIMITS, check_limits
+from feedalign.checks import MODEL_LIMITS, check_limits, shape
 from feedalign.losses import CRITERIA
 from feedalign.models.conv import conv
 from feedalign.models.convert import TRAINABLE, convert, feedback, rule_of
@@ -34,7 +35,16 @@ NONLINS: dict[str, Callable[[], nn.Module]] = {
 }  # fmt: skip
 FEEDBACK_SEED_OFFSET = 1_000_003  # feedback draws must not replay the weight stream
 
-__all__ = ["NETWORKS", "NONLINS", "build_model", "convert", "feedback", "rule_of", "find_network"]
+__all__ = [
+    "NETWORKS",
+    "NONLINS",
+    "ModelFileError",
+    "build_model",
+    "convert",
+    "feedback",
+    "rule_of",
+    "find_network",
+]
 
 
 def find_network(network: str, models_folder: str | Path | None = None) -> Callable[..., nn.Module]:
@@ -46,14 +56,58 @@ def find_network(network: str, models_folder: str | Path | None = None) -> Calla
     if models_folder is not None:
         path = Path(models_folder) / f"{name}.py"
         if path.is_file():
-            spec = importlib.util.spec_from_file_location(f"feedalign_user_model_{name}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            if not callable(getattr(module, "build", None)):
-                raise ValueError(f"{path} must define build(input_shape, n_classes, **options)")
-            return module.build
+            return _model_file(path, name)
     where = f" or a file {Path(models_folder) / (name + '.py')}" if models_folder else ""
     raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}{where}")
+
+
+class ModelFileError(ValueError):
+    """A -network model file that fails to import, lacks build(), or whose build() fails or
+    returns something other than an nn.Module."""
+
+
+BUILD = "build(input_shape, n_classes, **options)"
+
+
+def _model_file(path: Path, name: str) -> Callable[..., nn.Module]:
+    """`path`'s build(), wrapped: whatever the file gets wrong is one ModelFileError naming it."""
+    spec = importlib.util.spec_from_file_location(f"feedalign_user_model_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's code: say where, not a traceback through feedalign
+        raise ModelFileError(f"{path}: importing it raised {_where(err, path)}; fix the file") from err
+    build = getattr(module, "build", None)
+    if not callable(build):
+        raise ModelFileError(f"{path} must define {BUILD} returning the network (a torch.nn.Module)")
+
+    def checked_build(*args, **kw) -> nn.Module:
+        try:
+            model = build(*args, **kw)
+        except Exception as err:
+            raise ModelFileError(f"{path}: {BUILD} raised {_where(err, path)}; it must return the network "
+                                 "(a torch.nn.Module)") from err  # fmt: skip
+        if not isinstance(model, nn.Module):
+            got = f"{type(model).__name__} {_short(model)}"
+            raise ModelFileError(f"{path}: {BUILD} returned {got}, not a torch.nn.Module; it must return "
+                                 "the network, e.g. nn.Sequential(…)")  # fmt: skip
+        return model
+
+    return checked_build
+
+
+def _where(err: Exception, path: Path) -> str:
+    """ "ZeroDivisionError: division by zero (line 5)": the deepest line of `path` in the traceback."""
+    mine = path.resolve()
+    lines = [f.lineno for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == mine]
+    if isinstance(err, SyntaxError):  # its text names the line already
+        lines = []
+    return f"{type(err).__name__}: {err}" + (f" (line {lines[-1]})" if lines else "")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return f"({text[:40]}…)" if len(text) > 40 else f"({text})"
 
 
 def init_classic(model: nn.Module, gen: torch.Generator | None) -> None:
@@ -128,8 +182,9 @@ def build_model(
         allowed = ", ".join(FEEDBACK_INITS)
         raise ValueError(f"unknown feedback_init {feedback_init!r}; choose one of {allowed}")
     limited = dict(n_classes=n_classes, num_layers=num_layers, num_hidden=num_hidden, dropout=dropout,
-                   batchnorm=batchnorm, rfb_mag=rfb_mag)  # fmt: skip
-    check_limits(limited, MODEL_LIMITS)  # the same limits as the command line's (feedalign/checks.py)
+                   batchnorm=batchnorm, rfb_mag=rfb_mag, seed=seed, heads=heads, dropout_rate=dropout_rate,
+                   input_shape=input_shape)  # fmt: skip
+    check_limits(limited, MODEL_LIMITS | {"input_shape": shape()})  # the command line's limits (checks.py)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     if nonlin not in NONLINS:

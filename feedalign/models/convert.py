@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from feedalign.checks import CONVERT_LIMITS, check_limits, shape
 from feedalign.models.blocks import BlockSpec, convert_direct, sequential_input
 from feedalign.rules import RULES, calls, check_rule
 from feedalign.rules.dfa import DFAOutput
@@ -91,8 +92,9 @@ def convert(
         initialisation; "xavier" — xavier-uniform, b = √(6/(fan_in + fan_out)) (BioTorch's).
     """
     spec = RULES[check_rule(rule)]
-    if rfb_mag < 0:
-        raise ValueError(f"rfb_mag must be >= 0 (0 = the defaults of docs/original.md §1), got {rfb_mag}")
+    check_limits({"rfb_mag": rfb_mag, "seed": seed}, CONVERT_LIMITS)  # rfb_mag 0: docs/original.md §1's
+    if input_shape is not None:
+        check_limits({"input_shape": input_shape}, {"input_shape": shape()})
     if rule_of(model) != "bp":
         raise ValueError("model is already converted; build a fresh model to change its rule")
     if init not in FEEDBACK_BOUNDS:

@@ -4,12 +4,14 @@ model (built from the options, in the memory layout that suits the device)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from feedalign.models import build_model
+from feedalign.models import ModelFileError, build_model
 from feedalign.train.config import Options
+from feedalign.train.rundir import is_builtin
 
 
 @dataclass
@@ -60,7 +62,25 @@ def load_text_data(opts: Options, device: torch.device) -> Data:
 
 
 def make_model(opts: Options, data: Data, device: torch.device) -> nn.Module:
-    model = build_model(
+    """The network of the options on `device`; a model file's network that the rule cannot
+    take (convert's ValueError) is a ModelFileError naming the file."""
+    try:
+        model = _build(opts, data)
+    except ModelFileError:
+        raise
+    except ValueError as err:
+        if is_builtin(opts.network):
+            raise
+        file = Path(opts.modelsFolder) / f"{opts.network.removesuffix('.py')}.py"
+        raise ModelFileError(f"{file}: its network cannot learn by -gradient {opts.gradient}: {err}") from err
+    model = model.to(device)
+    if use_channels_last(opts.memory_format, model, device):
+        model = model.to(memory_format=torch.channels_last)  # 4-d weights and B's; inputs may stay NCHW
+    return model
+
+
+def _build(opts: Options, data: Data) -> nn.Module:
+    return build_model(
         opts.network, data.input_shape, len(data.classes), rule=opts.gradient, nonlin=opts.nonlin,
         num_layers=opts.num_layers, num_hidden=opts.num_hidden, dropout=opts.dropout,
         batchnorm=opts.batchnorm, bias=bool(opts.bias), rfb_mag=opts.rfb_mag, criterion=opts.criterion,
@@ -68,10 +88,6 @@ def make_model(opts: Options, data: Data, device: torch.device) -> nn.Module:
         feedback_init=opts.feedback_init, init=opts.init, heads=opts.heads, dropout_rate=opts.dropout_rate,
         taps=opts.taps,
     )  # fmt: skip
-    model = model.to(device)
-    if use_channels_last(opts.memory_format, model, device):
-        model = model.to(memory_format=torch.channels_last)  # 4-d weights and B's; inputs may stay NCHW
-    return model
 
 
 def use_channels_last(memory_format: str, model: nn.Module, device: torch.device) -> bool:
