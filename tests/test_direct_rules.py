@@ -187,7 +187,7 @@ def test_the_examples_in_docs_models_run():
 
     text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
     examples = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(examples) == 3
+    assert len(examples) == 4
     for i, code in enumerate(examples):
         exec(compile(code, f"docs/models.md example {i}", "exec"), {"__name__": "example"})
 
