@@ -657,3 +657,11 @@ def test_biotorch_suites_follow_their_protocol(tmp_path):
     assert resnet.options_for("dfa")["LR"] == 0.01 and resnet.options_for("bp")["LR"] == 1.0
     if "resnet20" not in NETWORKS:
         assert rn.missing_networks([resnet]) == ["resnet20-sgd: resnet20"]
+
+
+def test_runs_of_hyphenated_rules_group_under_their_row(tmp_path):
+    """runs/<row>/<rule>/seed<k> with a rule such as predsim-bio is that row's run, not a row of its own."""
+    fabricate(tmp_path / "runs" / "mnist-mlp" / "predsim-bio" / "seed1", epochs=2, rule="predsim-bio")
+    fabricate(tmp_path / "runs" / "mnist-mlp" / "bp" / "seed1", epochs=2, rule="bp")
+    groups = group_runs(find_runs(tmp_path))
+    assert sorted((g.row, g.rule) for g in groups) == [("mnist-mlp", "bp"), ("mnist-mlp", "predsim-bio")]

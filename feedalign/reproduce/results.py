@@ -20,7 +20,7 @@ from pathlib import Path
 
 from feedalign.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from feedalign.files import write_if_changed
-from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, Row, find_row
+from feedalign.reproduce.experiments import EXPERIMENTS, PAPER_EPOCHS, RULE_NAME, Row, find_row
 from feedalign.rules import RULES
 from feedalign.train.runlog import read_json, read_metrics
 
@@ -116,7 +116,7 @@ def find_runs(root: Path) -> list[RunResult]:
     results = []
     for d in sorted({p.parent for m in MARKERS for p in root.rglob(m)}):
         rel = d.relative_to(root).parts
-        if len(rel) >= 3 and rel[-2].isidentifier() and rel[-1].startswith("seed") and rel[-1][4:].isdigit():
+        if len(rel) >= 3 and re.fullmatch(RULE_NAME, rel[-2]) and re.fullmatch(r"seed\d+", rel[-1]):
             results.append(read_run(d, row=rel[-3], rule=rel[-2], seed=int(rel[-1][4:])))
         else:
             results.append(read_run(d, row=(rel[-2] if len(rel) >= 2 else root.resolve().name)))
