@@ -53,11 +53,11 @@ def _save(fig, path: Path) -> None:
     write_if_changed(path, buf.getvalue())
 
 
-def plot_errors(groups, path: Path) -> None:
+def plot_errors(groups, path: Path, *, panel: tuple[float, float] = (4.0, 3.0)) -> None:
     """Test error (%) vs epoch, log y, one panel per row; the published figure as a dashed
     line per rule; a rule whose runs are all partial is drawn dotted."""
     rows = list(dict.fromkeys(g.row for g in groups))
-    fig, axes = _grid(len(rows))
+    fig, axes = _grid(len(rows), *panel)
     for ax, row in zip(axes, rows):
         for g in (g for g in groups if g.row == row):
             colour = COLOURS.get(g.rule)

@@ -47,6 +47,7 @@ class RunResult:
     dataset: str | None = None
     options: dict = field(default_factory=dict)  # options.json
     curve: list[tuple[int, float]] = field(default_factory=list)  # (epoch, test error %)
+    seconds: float = 0.0  # training time, summed over the epochs (evaluation not included)
     alignment: list[tuple[int, dict]] = field(default_factory=list)  # (epoch, {layer: {metric: °}})
 
     @property
@@ -100,6 +101,7 @@ def read_run(
         dataset=options.get("dataset"),
         options=options,
         curve=curve,
+        seconds=sum(r["seconds"] for r in records if _finite(r.get("seconds"))),
         alignment=[(r["epoch"], r["alignment"]) for r in records if r.get("alignment")],
     )
 
