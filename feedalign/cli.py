@@ -1,4 +1,4 @@
-"""`feedalign` command line: train | eval | sample | download | reproduce.
+"""`feedalign` command line: train | eval | sample | download | reproduce | compare.
 
 Each subcommand lives beside the code it drives and registers itself here
 through a `register(subparsers)` function that sets `func` on its parser. Only
@@ -82,6 +82,7 @@ SUBCOMMANDS = {
     "sample": "feedalign.train.sample",
     "download": "feedalign.data.download",
     "reproduce": "feedalign.reproduce",
+    "compare": "feedalign.reproduce.compare",
 }
 
 
