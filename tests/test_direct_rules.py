@@ -181,17 +181,6 @@ def test_backprop_alignment_bf16_and_compile_on_a_resnet():
         torch.testing.assert_close(a, p.grad)
 
 
-def test_the_examples_in_docs_models_run():
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
-    examples = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert len(examples) == 4
-    for i, code in enumerate(examples):
-        exec(compile(code, f"docs/models.md example {i}", "exec"), {"__name__": "example"})
-
-
 @pytest.mark.parametrize("signal", ["error", "target"])
 def test_gradcheck_output_path_is_the_identity(signal):
     from feedalign.rules.dfa import DFAFunction
