@@ -21,6 +21,7 @@ SUFFIXES = {".py", ".md", ".json", ".sh", ".toml", ".txt", ".cfg", ".yaml", ".ym
 # Not part of the repository's content: VCS data, caches, and what runs write.
 SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", "runs", "PreProcData", "Datasets",
              "build", "dist", ".venv", "venv"}  # fmt: skip
+RUN_FOLDERS = ("reproduce-", "compare-")  # what `feedalign reproduce` and `compare` write by default
 
 # Documents that exist only outside the repository; citing them points nowhere.
 # Names of documents outside the repository, spelled in pieces so this file does not match itself
@@ -33,7 +34,7 @@ def text_files() -> tuple[tuple[str, str], ...]:
     """(path relative to the repository, text) of every text file, this test excluded."""
     out = []
     for folder, dirs, files in os.walk(REPO):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("reproduce-"))
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(RUN_FOLDERS))
         for name in sorted(files):
             path = Path(folder) / name
             rel = path.relative_to(REPO).as_posix()
@@ -112,7 +113,7 @@ def test_relative_links_resolve(doc):
 # --- the README and the option table ----------------------------------------------
 
 SETUP = (
-    "pip install torch==2.13.0 -e . && feedalign train -dataset digits -epoch 20\n"
+    "pip install torch==2.13.0 -e . && feedalign compare\n"
     'pip install torch==2.13.0 -e ".[test]" && python -m pytest -q\n'
 )
 
