@@ -151,6 +151,19 @@ def dataset_folder(name: str) -> Path | None:
     return SHARED_DATA / info.folder if info.remotes else None
 
 
+def run_options(command: str, parsed):
+    """The options a fresh `train` or `compare` run would use (compare: its recipe under them)."""
+    from feedalign.train.cli import options_from_args
+    from feedalign.train.config import Options
+
+    if command == "train":
+        return options_from_args(parsed)
+    from feedalign.reproduce.compare import RECIPE
+
+    given = {f.name: getattr(parsed, f.name) for f in dataclasses.fields(Options) if hasattr(parsed, f.name)}
+    return Options(**(RECIPE | given))
+
+
 def why_not_run(command: Command, skipped_runs: set[str]) -> str | None:
     """Why a command is only parsed and checked, not run; None: it runs (with SHORTER)."""
     args = feedalign_argv(command.argv)
@@ -168,21 +181,19 @@ def why_not_run(command: Command, skipped_runs: set[str]) -> str | None:
     if args[0] == "reproduce" and parsed.export and not parsed.report_only:
         return "a reproduction that exports its runs (hours; --dry-run refuses --export)"
     if args[0] in ("train", "compare") and not getattr(parsed, "resume", None):
-        from feedalign.train.cli import options_from_args
-
-        opts = options_from_args(parsed) if args[0] == "train" else None
-        dataset = opts.dataset if opts else getattr(parsed, "dataset", "digits")
-        gpus = opts.nGPU if opts else getattr(parsed, "nGPU", 1)
-        folder = dataset_folder(dataset)
+        opts = run_options(args[0], parsed)
+        folder = dataset_folder(opts.dataset)
         reason = None
-        if gpus > 1 or (opts and opts.type == "cuda"):
-            reason = "needs GPUs"
+        if opts.nGPU > max(1, torch.cuda.device_count()) or (
+            opts.type == "cuda" and not torch.cuda.is_available()
+        ):
+            reason = f"needs {max(1, opts.nGPU)} GPU(s)"
         elif folder is not None and not folder.is_dir():
-            reason = f"dataset {dataset} absent at {folder} (set FEEDALIGN_SHARED_DATA)"
-        elif opts and not opts.text and dataset.lower() not in IMAGE_DATA_HERE:
-            reason = f"trains on {dataset}: minutes per epoch on a CPU"
+            reason = f"dataset {opts.dataset} absent at {folder} (set FEEDALIGN_SHARED_DATA)"
+        elif not opts.text and opts.dataset.lower() not in IMAGE_DATA_HERE:
+            reason = f"trains on {opts.dataset}: minutes per epoch on a CPU"
         if reason:
-            skipped_runs.add(str(opts.save) if opts and opts.save else "")
+            skipped_runs.add(str(opts.save))
             return reason
     return None
 
