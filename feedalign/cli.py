@@ -9,10 +9,12 @@ one subcommand's imports cannot break another's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 
 log = logging.getLogger("feedalign")
 
@@ -53,9 +55,9 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
     if isinstance(err, Interrupted):
         return (EXIT_TERMINATED if err.signum == signal.SIGTERM else EXIT_INTERRUPTED), str(err)
     if isinstance(err, KeyboardInterrupt):
-        return EXIT_INTERRUPTED, "interrupted (Ctrl-C) before training started; nothing was written"
+        return EXIT_INTERRUPTED, "interrupted (Ctrl-C); stopped before anything was written"
     if isinstance(err, Terminated):
-        return EXIT_TERMINATED, "terminated (SIGTERM) before training started; nothing was written"
+        return EXIT_TERMINATED, "terminated (SIGTERM); stopped before anything was written"
     if isinstance(err, Diverged):
         return EXIT_DIVERGED, f"diverged: {err}"
     if isinstance(err, RunDirBusy):
@@ -104,12 +106,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# modules a command runs with, imported at start-up while a Ctrl-C waits (see main)
+PRELOAD = {"train": ("feedalign.train.session",), "eval": ("feedalign.train.session",)}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    previous = _install_signal_handlers()
+    command = argv[0] if argv else None
+    previous: dict = {}
     try:
+        with _signals_wait():  # importing torch takes seconds; a library must not swallow a Ctrl-C meanwhile
+            parser = build_parser(command)
+            for module in PRELOAD.get(command, ()):
+                importlib.import_module(module)
+        args = parser.parse_args(argv)
+        previous = _install_signal_handlers()
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt, Terminated) as err:
         mapped = exit_code(err)
@@ -121,6 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_wait() -> Iterator[None]:
+    """SIGINT and SIGTERM are noted while the block runs and raised (KeyboardInterrupt,
+    Terminated) once it is done: start-up is never cut in the middle of an import."""
+    got: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # a background job keeps ignoring Ctrl-C
+                previous[sig] = signal.signal(sig, lambda signum, frame: got.append(signum))
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got:
+        raise KeyboardInterrupt if got[0] == signal.SIGINT else Terminated
 
 
 def _install_signal_handlers() -> dict:

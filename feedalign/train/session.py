@@ -116,19 +116,21 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
             read_metrics(run_dir)  # unreadable or damaged: said now, before the data loads or a file changes
         data = _load_data_in_rank_order(opts, rt)
         run = Run.build(opts, rt, run_dir, data, saved)  # refuses a checkpoint of another network
-        if rt.is_main:  # all checks passed: the first writes
-            _record_start(run_dir, opts, rt, resumed=resume is not None, vocab=data.classes)
-            run.runlog = RunLog(run_dir, resume_epoch=run.first_epoch - 1, visualize=opts.visualize == 1,
-                                tensorboard=opts.tensorboard)  # fmt: skip
         on_batch = _batch_hook(opts, run, stop_at)
-        with StopFlag() as stop:
+        with StopFlag() as stop:  # from the first write on, Ctrl-C ends in a checkpoint
+            if rt.is_main:  # all checks passed: the first writes
+                _record_start(run_dir, opts, rt, resumed=resume is not None, vocab=data.classes)
+                run.runlog = RunLog(run_dir, resume_epoch=run.first_epoch - 1, visualize=opts.visualize == 1,
+                                    tensorboard=opts.tensorboard)  # fmt: skip
             try:
                 epoch = run.first_epoch
                 while (opts.epoch == -1 or epoch <= opts.epoch) and not run.epoch(epoch, stop, on_batch):
                     epoch += 1
             except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
-                raise Interrupted(f"interrupted again: stopped at once; the last checkpoint is kept. "
-                                  f"Continue with: {resume_command(run_dir)}") from None  # fmt: skip
+                then = f"the last checkpoint is kept. Continue with: {resume_command(run_dir)}"
+                if not (run_dir / ckpt.CHECKPOINT).exists():
+                    then = "no checkpoint had been written yet: start the run again (the same command)"
+                raise Interrupted(f"interrupted again: stopped at once; {then}") from None
     return run_dir
 
 
@@ -257,7 +259,16 @@ class Run:
         if reason is not None and self.runlog is not None:
             self.runlog.finish(reason)
             say(summary(self.runlog.records, reason, self.dir))
+        if reason is None and self._stop_agreed(stop):  # Ctrl-C while evaluating: this checkpoint will do
+            raise Interrupted(f"interrupted after epoch {epoch}; checkpoint written. Continue with: "
+                              f"{resume_command(self.dir)}", stop.signum)  # fmt: skip
         return reason
+
+    def _stop_agreed(self, stop: StopFlag) -> bool:
+        """Whether a stop was asked, on any rank (every rank then stops here)."""
+        if not self.rt.distributed:
+            return stop.requested
+        return self.rt.reduce(torch.tensor(float(stop.requested))).item() > 0
 
     def record(self, epoch: int, lr: float) -> str | None:
         """Evaluate, log and append the epoch's record; the schedule's verdict (None: go on)."""
