@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ EXIT_FILE = (
     4  # a dataset, cache, checkpoint or run-directory file, a download, or the OS refused a read/write
 )
 EXIT_BUSY = 5  # another process trains in that run directory
+EXIT_LOST = 6  # another process of the same run stopped (killed, or failed); the last checkpoint is kept
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 
@@ -43,7 +45,7 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
     """(exit code, one line) for an error the user can act on; None for a bug (traceback)."""
     from feedalign.data import DatasetError
     from feedalign.data.download import DownloadError
-    from feedalign.dist import FeedbackMismatch
+    from feedalign.dist import FeedbackMismatch, PeerLost
     from feedalign.models import ModelFileError
     from feedalign.train.checkpoint import CheckpointError
     from feedalign.train.config import OptionError
@@ -62,6 +64,8 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
         return EXIT_DIVERGED, f"diverged: {err}"
     if isinstance(err, RunDirBusy):
         return EXIT_BUSY, f"error: {err}"
+    if isinstance(err, PeerLost):
+        return EXIT_LOST, f"error: {err}"
     if isinstance(err, DownloadError):  # offline, HTTP error, wrong checksum, unwritable folder
         return EXIT_FILE, f"download failed: {err}"
     if isinstance(err, (DatasetError, CheckpointError, RunFileError)):
@@ -75,6 +79,22 @@ def exit_code(err: BaseException) -> tuple[int, str] | None:
         advice = "check that the path exists, is the right kind (file or folder), is writable, and has room"
         return EXIT_FILE, f"error: {where}{err.strerror or err}; {advice}"
     return None
+
+
+def said_by_rank_0(err: BaseException) -> bool:
+    """Whether every process of a run raises `err` alike, rank 0 included (the options, the
+    run directory's files, a stop the ranks agreed on), so that the other ranks need not say it."""
+    from feedalign.dist import FeedbackMismatch
+    from feedalign.models import ModelFileError
+    from feedalign.train.checkpoint import CheckpointError
+    from feedalign.train.config import OptionError
+    from feedalign.train.loop import Diverged
+    from feedalign.train.runlog import RunFileError
+    from feedalign.train.session import Interrupted
+
+    alike = (Interrupted, Diverged, KeyboardInterrupt, Terminated, OptionError, RunFileError, CheckpointError,
+             ModelFileError, FeedbackMismatch)  # fmt: skip
+    return isinstance(err, alike)
 
 
 # name -> module providing `register(subparsers)`
@@ -121,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             for module in PRELOAD.get(command, ()):
                 importlib.import_module(module)
         args = parser.parse_args(argv)
+        args.argv = argv  # what a launcher of several processes passes on (train -nGPU N)
         previous = _install_signal_handlers()
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt, Terminated) as err:
@@ -128,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         if mapped is None:
             raise
         code, message = mapped
-        log.error(message)
+        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        if rank and (getattr(err, "quiet", False) or said_by_rank_0(err)):
+            log.debug(f"rank {rank}: {message}")  # one line per run, not one per process
+        else:
+            log.error(f"rank {rank}: {message}" if rank else message)
         return code
     finally:
         for sig, handler in previous.items():
@@ -148,6 +173,9 @@ def _signals_wait() -> Iterator[None]:
         except ValueError:  # not the main thread
             pass
     try:
+        from feedalign.launch import as_rank
+
+        as_rank()  # a rank of `-nGPU N` takes the signals held since it started
         yield
     finally:
         for sig, handler in previous.items():

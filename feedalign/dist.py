@@ -16,7 +16,12 @@ import gc
 import inspect
 import logging
 import os
-from dataclasses import dataclass
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +33,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of each rank
 
     @property
     def is_main(self) -> bool:
@@ -49,6 +55,14 @@ class Runtime:
         t = t.detach().clone().to(self.device)
         dist.all_reduce(t)
         return t
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (a run directory's name, which only rank 0 may pick)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
     def agree(self, value: int) -> int:
         """Rank 0's value of an integer on every rank (a seed each process drew for itself)."""
@@ -132,7 +146,9 @@ def setup(device_type: str, devid: int) -> Runtime:
         device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Runtime(device, rank, world)
+    rt = Runtime(device, rank, world)
+    rt.peers = rt.gather((socket.gethostname(), os.getpid()))  # to name a rank that is lost (peer_lost)
+    return rt
 
 
 def teardown(*, agreed: bool = True) -> None:
@@ -153,6 +169,62 @@ def teardown(*, agreed: bool = True) -> None:
         # the process at exit ("terminate called without an active exception")
         gc.collect()
         dist.destroy_process_group()
+
+
+class PeerLost(RuntimeError):
+    """Another process of the run stopped (killed, or failed) while this one needed it.
+    `quiet`: a lower live rank says so (one message, not one per survivor)."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
+
+
+# what gloo and NCCL say when a peer's connection goes (the collective then raises a RuntimeError)
+PEER_GONE = re.compile(r"Connection (closed|reset) by peer|Read error|Broken pipe|NCCL communicator was "
+                       r"aborted|remote process exited|Socket Timeout|timed out", re.IGNORECASE)  # fmt: skip
+
+
+def peer_lost(rt: Runtime, err: BaseException, *, wait_s: float = 2.0) -> PeerLost | None:
+    """`err` as the loss of another rank, naming it, or None if it is not that. A rank on this
+    host counts as lost once its process is gone (or a zombie); its connections close as it
+    exits, so the check waits up to `wait_s` for the kernel to finish the exit."""
+    if not rt.distributed or not (type(err) is RuntimeError or isinstance(err, dist.DistError)):
+        return None  # our own RuntimeErrors (Diverged, Interrupted, …) are not a peer's loss
+    deadline = time.monotonic() + wait_s
+    lost = _gone_ranks(rt)
+    while not lost and PEER_GONE.search(str(err)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        lost = _gone_ranks(rt)
+    if not lost and not PEER_GONE.search(str(err)):
+        return None
+    alive = [r for r in range(rt.world_size) if r not in lost]
+    if lost:
+        who = ", ".join(f"rank {r} (pid {rt.peers[r][1]})" for r in lost)
+    else:  # on another host, or not gone yet: what the transport said
+        who = f"another rank ({str(err).strip().splitlines()[0][:120]})"
+    return PeerLost(f"{who} stopped before the others (killed, or failed: see its own message); rank "
+                    f"{rt.rank} stops too", quiet=bool(alive) and rt.rank != min(alive))  # fmt: skip
+
+
+def _gone_ranks(rt: Runtime) -> list[int]:
+    here = socket.gethostname()
+    return [r for r, (host, pid) in enumerate(rt.peers) if r != rt.rank and host == here and not _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet collected by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: it exists
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): it exists
+        return True
+    return state not in ("Z", "X")
 
 
 class FeedbackMismatch(RuntimeError):

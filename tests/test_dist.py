@@ -215,22 +215,6 @@ def test_cuda_epoch_has_no_hidden_synchronisation():
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.slow
-def test_original_ngpu_option_launches_torchrun(tmp_path):
-    import subprocess
-    import sys
-
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "feedalign", "train", "-nGPU", "2", "-type", "float", "-dataset", "digits",
-           "-datapath", str(tmp_path), "-preProcDir", str(tmp_path / "P"), "-epoch", "1", "-num_hidden", "16",
-           "-threads", "1", "-seed", "2", "-save", str(run), "--quiet"]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "torchrun --standalone --nproc-per-node 2 -m feedalign train" in res.stdout + res.stderr
-    assert json.loads((run / "env.json").read_text())["world_size"] == 2
-    assert (run / "finished.json").exists()
-
-
 def _bn_worker(rank, world, port, out):
     """Each rank updates BatchNorm statistics on its own data, then the ranks average them."""
     _env(rank, world, port)

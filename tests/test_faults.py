@@ -117,8 +117,10 @@ def test_a_dead_owners_lock_is_recovered_and_default_names_never_collide(tmp_pat
     finally:
         owner.kill()  # SIGKILL: no chance to clean up
         owner.wait(timeout=30)
-    with rundir.owned(run):  # the kernel released the dead owner's lock
-        pass
+    (run / ".checkpoint.pt.k3x9.tmp").write_bytes(b"half a checkpoint")  # the killed owner's, mid-write
+    (run / "notes.tmp").write_text("the user's")
+    with rundir.owned(run):  # the kernel released the dead owner's lock; the new owner clears its temp file
+        assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK, "notes.tmp"]
     names = {default_run_dir() for _ in range(100)}
     assert len(names) == 100 and all(str(os.getpid()) in n.name for n in names)
 

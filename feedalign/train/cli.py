@@ -159,12 +159,17 @@ def options_from_args(args: argparse.Namespace) -> Options:
 def run_train(args: argparse.Namespace) -> int:
     """`feedalign train`; errors propagate to feedalign.cli.main, which maps them to exit codes."""
     from feedalign import dist
-    from feedalign.train.session import Interrupted, train
+    from feedalign.train.session import Interrupted, preflight, train
 
     opts = options_from_args(args)
     launched = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if opts.nGPU > 1 and not launched:
-        return _launch_torchrun(opts.nGPU)
+    if opts.nGPU > 1 and not launched:  # the original's -nGPU N: N processes, one GPU each
+        from feedalign.launch import launch
+
+        preflight(opts, resume=args.resume, trust_model_file=args.trust_model_file)
+        # the command line is passed on whole: -nGPU stays in options.json, so a plain
+        # `feedalign train --resume DIR` of such a run launches N processes again
+        return launch(opts.nGPU, getattr(args, "argv", sys.argv[1:]))
     agreed = False  # whether every rank ends here the same way (dist.teardown)
     try:
         train(opts, resume=args.resume, trust_model_file=args.trust_model_file)
@@ -175,18 +180,6 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         dist.teardown(agreed=agreed)
     return 0
-
-
-def _launch_torchrun(n: int) -> int:
-    """The original's -nGPU N: N data-parallel processes through torchrun, one GPU each.
-    The command line is passed on whole: -nGPU stays in options.json, so a plain
-    `feedalign train --resume DIR` of such a run launches torchrun again."""
-    argv = sys.argv[1:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n)]
-    cmd += ["-m", "feedalign", *argv]
-    log.info("running: " + " ".join(["torchrun", *cmd[3:]]))
-    os.execv(sys.executable, cmd)  # replaces this process
-    return 0  # not reached
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -202,7 +202,7 @@ class Options:
         _default_type, "float (CPU) | cuda (GPU)", shown="cuda if a GPU is present, else float"
     )
     devid: int = option(1, "GPU id, 1-based as the original")
-    nGPU: int = option(1, "processes (GPUs) for data parallelism: N > 1 launches torchrun")
+    nGPU: int = option(1, "processes (GPUs) for data parallelism: N > 1 starts N processes (like torchrun)")
     load: str = option("none", "file with network weights to start from (none = fresh)")
     save: str = option("", "run directory", shown="./runs/<timestamp>")
     visualize: int = option(0, "1 = plot the error curves to errors.png")

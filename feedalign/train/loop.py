@@ -10,7 +10,9 @@ processes, the agreement to stop.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -35,15 +37,23 @@ class StopFlag:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    SAME_PRESS_S = 1.0  # under torchrun: the same signal again within this is the same Ctrl-C
+
     def __init__(self) -> None:
         self.requested = False
         self.signum: int = signal.SIGINT
         self._previous: dict[int, object] = {}
+        self._at = 0.0
+        # torchrun passes the terminal's Ctrl-C on to its workers, which had it from the
+        # terminal already: one press, two signals (feedalign's own -nGPU launcher sends one)
+        self._echoes = "TORCHELASTIC_RUN_ID" in os.environ
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
+            if self._echoes and signum == self.signum and time.monotonic() - self._at < self.SAME_PRESS_S:
+                return
             raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
+        self.requested, self.signum, self._at = True, signum, time.monotonic()
 
     def __enter__(self) -> StopFlag:
         for sig in self.SIGNALS:

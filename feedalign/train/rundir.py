@@ -4,7 +4,8 @@ and treated as data on resume (nothing in it is executed).
 Ownership: rank 0 holds an exclusive `flock` on `<run>/.lock` for the whole run.
 The kernel releases it when the process ends, however it ends (a crash or SIGKILL
 leaves no stale lock to clean up); a second process asking for it is refused at
-once with RunDirBusy.
+once with RunDirBusy. The new owner removes the temporary files (`.*.tmp`) of a
+writer that was killed in the middle of a write.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def owned(run_dir: Path, *, is_main: bool = True) -> Iterator[Path]:
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        for stale in run_dir.glob(".*.tmp"):  # files.atomic_write's, left by a writer that was killed
+            stale.unlink(missing_ok=True)
         yield run_dir
     finally:
         if created and os.listdir(run_dir) == [LOCK]:  # nothing was written: leave no trace

@@ -16,6 +16,7 @@ The run directory (rank 0 writes it):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -81,9 +82,14 @@ def resolve(opts: Options) -> Options:
     return opts
 
 
-def resume_command(run_dir: Path) -> str:
-    """The shell command that continues `run_dir` (quoted: paths may hold spaces)."""
-    return f"feedalign train --resume {shlex.quote(str(run_dir))}"
+def resume_command(run_dir: Path, world_size: int = 1, n_gpu: int = 1) -> str:
+    """The shell command that continues `run_dir` (quoted: paths may hold spaces). A run of
+    several processes started by torchrun itself (not by -nGPU, which options.json keeps)
+    resumes under torchrun with as many processes."""
+    how = "feedalign train"
+    if world_size > 1 and n_gpu != world_size:
+        how = f"torchrun --nproc-per-node {world_size} -m feedalign train"
+    return f"{how} --resume {shlex.quote(str(run_dir))}"
 
 
 def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int, int] | None = None,
@@ -99,12 +105,45 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
     Raises Interrupted (checkpoint written), Diverged (last good checkpoint kept),
     RunDirBusy (another process trains there), OptionError and friends (nothing written).
     """
-    run_dir = Path(resume) if resume else Path(opts.save) if opts.save else default_run_dir()
+    named = Path(resume) if resume else Path(opts.save) if opts.save else None
+    before = _check_resume(opts, named, trust_model_file) if resume else None
+    rt = _start(opts)
+    run_dir = named
+    try:
+        run_dir = _agree(opts, rt, named)
+        return _train(opts, rt, run_dir, resume, before, stop_at)
+    except RuntimeError as err:  # a collective failed: another rank is gone?
+        lost = dist.peer_lost(rt, err)
+        if lost is None:
+            raise
+        kept = "no checkpoint had been written yet: start the run again"
+        if run_dir is not None and (run_dir / ckpt.CHECKPOINT).exists():
+            kept = (f"the last checkpoint is kept: {run_dir / ckpt.CHECKPOINT}. Continue with: "
+                    f"{resume_command(run_dir, rt.world_size, opts.nGPU)}")  # fmt: skip
+        raise dist.PeerLost(f"{lost}; {kept}", quiet=lost.quiet) from None
+
+
+def _check_resume(opts: Options, run_dir: Path, trust_model_file: bool) -> dict:
+    """The run's saved options, once `opts` may continue it (the seed filled in from them)."""
+    before = rundir.saved_options(run_dir)
+    rundir.check_trusted(opts, run_dir, trust_model_file)  # before check() imports anything
+    rundir.check_resume_options(opts, before, run_dir)
+    return before
+
+
+def preflight(opts: Options, *, resume: str | Path | None = None, trust_model_file: bool = False) -> None:
+    """The checks train() makes before the processes meet, made once by a launcher of several
+    processes (one message, not one per rank); `opts` is left as it was."""
+    opts = dataclasses.replace(opts)
     if resume:
-        before = rundir.saved_options(run_dir)
-        rundir.check_trusted(opts, run_dir, trust_model_file)  # before check() imports anything
-        rundir.check_resume_options(opts, before, run_dir)
-    rt = _start(opts, run_dir)
+        _check_resume(opts, Path(resume), trust_model_file)
+    opts.check()
+
+
+def _train(opts: Options, rt: dist.Runtime, run_dir: Path, resume: str | Path | None, before: dict | None,
+           stop_at: tuple[int, int] | None) -> Path:  # fmt: skip
+    """train()'s work once the run directory is named and the processes have met."""
+    resume_line = resume_command(run_dir, rt.world_size, opts.nGPU)
     with rundir.owned(run_dir, is_main=rt.is_main):
         saved = _restore_point(run_dir, resume, rt)
         if resume and rundir.already_finished(opts, before, saved["epoch"], (run_dir / FINISHED).exists()):
@@ -127,24 +166,31 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
                 while (opts.epoch == -1 or epoch <= opts.epoch) and not run.epoch(epoch, stop, on_batch):
                     epoch += 1
             except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
-                then = f"the last checkpoint is kept. Continue with: {resume_command(run_dir)}"
+                then = f"the last checkpoint is kept. Continue with: {resume_line}"
                 if not (run_dir / ckpt.CHECKPOINT).exists():
                     then = "no checkpoint had been written yet: start the run again (the same command)"
                 raise Interrupted(f"interrupted again: stopped at once; {then}") from None
     return run_dir
 
 
-def _start(opts: Options, run_dir: Path) -> dist.Runtime:
-    """Options resolved, paths checked, this process's runtime set up."""
+def _start(opts: Options) -> dist.Runtime:
+    """Options resolved, this process's runtime set up."""
     resolve(opts)
-    rundir.check_paths(opts, run_dir)
     torch.set_num_threads(opts.threads)
     rt = dist.setup(opts.type, opts.devid)
-    opts.seed = rt.agree(opts.seed)  # without -seed every process drew its own: rank 0's for all
     if rt.device.type == "cpu":
         keep_freed_memory()  # no page faults on the buffers every step re-allocates
-    rt.one_voice()
     return rt
+
+
+def _agree(opts: Options, rt: dist.Runtime, named: Path | None) -> Path:
+    """Rank 0's seed and run directory on every rank (`named`, or a default name rank 0
+    picks), its paths checked: nothing is written or printed before every rank knows it."""
+    opts.seed = rt.agree(opts.seed)  # without -seed every process drew its own: rank 0's for all
+    run_dir = named or Path(rt.broadcast(str(default_run_dir()) if rt.is_main else None))
+    rundir.check_paths(opts, run_dir)
+    rt.one_voice()
+    return run_dir
 
 
 def _restore_point(run_dir: Path, resume: str | Path | None, rt: dist.Runtime) -> dict | None:
@@ -250,7 +296,7 @@ class Run:
         if self.state.batch < len(self.loader):
             self.checkpoint(epoch - 1, self.state)
             raise Interrupted(f"interrupted at epoch {epoch}, batch {self.state.batch}; checkpoint written. "
-                              f"Continue with: {resume_command(self.dir)}", stop.signum)  # fmt: skip
+                              f"Continue with: {self.resume_line}", stop.signum)  # fmt: skip
         reason = self.record(epoch, lr)
         self.state = EpochState()
         self.checkpoint(epoch, self.state)
@@ -261,7 +307,7 @@ class Run:
             say(summary(self.runlog.records, reason, self.dir))
         if reason is None and self._stop_agreed(stop):  # Ctrl-C while evaluating: this checkpoint will do
             raise Interrupted(f"interrupted after epoch {epoch}; checkpoint written. Continue with: "
-                              f"{resume_command(self.dir)}", stop.signum)  # fmt: skip
+                              f"{self.resume_line}", stop.signum)  # fmt: skip
         return reason
 
     def _stop_agreed(self, stop: StopFlag) -> bool:
@@ -269,6 +315,10 @@ class Run:
         if not self.rt.distributed:
             return stop.requested
         return self.rt.reduce(torch.tensor(float(stop.requested))).item() > 0
+
+    @property
+    def resume_line(self) -> str:
+        return resume_command(self.dir, self.rt.world_size, self.opts.nGPU)
 
     def record(self, epoch: int, lr: float) -> str | None:
         """Evaluate, log and append the epoch's record; the schedule's verdict (None: go on)."""
@@ -323,7 +373,7 @@ class Run:
             yield
         except OSError as err:
             raise OSError(err.errno, f"{err.strerror} while writing {what}. Free space (or raise the "
-                          f"file-size limit) and continue with: {resume_command(self.dir)}",
+                          f"file-size limit) and continue with: {self.resume_line}",
                           err.filename or str(path)) from None  # fmt: skip
 
 
