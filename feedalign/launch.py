@@ -52,7 +52,8 @@ def run_ranks(n: int, cmd: list[str]) -> int:
     from torch.distributed import TCPStore
 
     sent: list[int] = []  # every SIGINT / SIGTERM the launcher got, in order
-    handlers = {sig: signal.signal(sig, lambda signum, frame: sent.append(signum)) for sig in FORWARDED}
+    handlers = {sig: signal.signal(sig, lambda signum, frame: sent.append(signum))
+                for sig in FORWARDED if signal.getsignal(sig) is not signal.SIG_IGN}  # fmt: skip
     # blocked from before the store's threads start until every rank is started: the ranks
     # inherit the mask (feedalign.cli unblocks it); a signal meanwhile is recorded all the same
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)

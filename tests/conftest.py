@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_answered():
+    """The signal tests send SIGINT as a terminal's Ctrl-C would. A suite started as a shell
+    script's background job (`pytest &`) inherits Ctrl-C ignored, which feedalign and the
+    processes the tests start would keep: Python's usual handler is put back for the session."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
 
 SHARED_DATA = Path(
     os.environ.get("FEEDALIGN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -116,3 +116,30 @@ def test_import_feedalign_loads_no_torch_so_the_command_line_can_wait_for_it():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert res.stdout.split() == ["False", "True", "True"], res.stdout + res.stderr
+
+
+def test_a_process_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path, caplog, monkeypatch):
+    """As Python itself does: a shell script's `feedalign train … &` starts with Ctrl-C ignored, so
+    that the Ctrl-C meant for the script does not reach it; at no stage does feedalign take it
+    back (SIGTERM, what a scheduler sends, still stops it)."""
+    from feedalign.train.optim import Optimizer
+
+    real_parser, real_step = feedalign.cli.build_parser, Optimizer.step
+
+    def parser(command):
+        interrupt()
+        return real_parser(command)
+
+    def step(self, *args, **kw):
+        interrupt()
+        return real_step(self, *args, **kw)
+
+    monkeypatch.setattr(feedalign.cli, "build_parser", parser)
+    monkeypatch.setattr(Optimizer, "step", step)
+    run = tmp_path / "run"
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(digits_args(tmp_path, run, "-epoch", "1")) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert errors(caplog) == [] and (run / "finished.json").exists()

@@ -58,6 +58,8 @@ class StopFlag:
     def __enter__(self) -> StopFlag:
         for sig in self.SIGNALS:
             try:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # a shell script's `cmd &` keeps ignoring Ctrl-C
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread: no handler, no checkpoint on a signal
                 pass
