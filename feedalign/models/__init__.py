@@ -178,35 +178,18 @@ def build_model(
         mlp: dropout_rate > 0 puts Dropout(dropout_rate) after each hidden layer.
     taps: direct rules, convert's: "macro" (one tap per block) or "micro" (also after attention)."""
     spec = RULES[check_rule(rule)]
-    if feedback_init not in FEEDBACK_INITS:
-        allowed = ", ".join(FEEDBACK_INITS)
-        raise ValueError(f"unknown feedback_init {feedback_init!r}; choose one of {allowed}")
     limited = dict(n_classes=n_classes, num_layers=num_layers, num_hidden=num_hidden, dropout=dropout,
                    batchnorm=batchnorm, rfb_mag=rfb_mag, seed=seed, heads=heads, dropout_rate=dropout_rate,
                    input_shape=input_shape)  # fmt: skip
+    _check_names(feedback_init=feedback_init, init=init, nonlin=nonlin, criterion=criterion)
     check_limits(limited, MODEL_LIMITS | {"input_shape": shape()})  # the command line's limits (checks.py)
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
-    if nonlin not in NONLINS:
-        raise ValueError(f"unknown nonlin {nonlin!r}; choose one of {', '.join(NONLINS)}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     build = find_network(network, models_folder)
     extra = {"heads": heads, "dropout_rate": dropout_rate} if build in (gpt, lstm) else {}
     if build is mlp and dropout_rate:  # the hidden layers' dropout probability
         extra = {"dropout_rate": dropout_rate}
-    model = build(
-        tuple(input_shape),
-        n_classes,
-        nonlin=NONLINS[nonlin],
-        num_layers=num_layers,
-        num_hidden=num_hidden,
-        dropout=dropout,
-        batchnorm=batchnorm,
-        bias=bias,
-        log_softmax=CRITERIA[criterion][1],
-        **extra,
-    )
+    model = build(tuple(input_shape), n_classes, nonlin=NONLINS[nonlin], num_layers=num_layers,
+                  num_hidden=num_hidden, dropout=dropout, batchnorm=batchnorm, bias=bias,
+                  log_softmax=CRITERIA[criterion][1], **extra)  # fmt: skip
     first = next((m for m in model.modules() if is_weight_layer(m)), None)
     tokens = isinstance(first, nn.Embedding)  # token ids in (gpt, lstm, a model file's LM): probed below
     init_weights, feedback_dist = INITS[init]
@@ -216,36 +199,49 @@ def build_model(
     else:
         init_weights(model, generator(seed))
     fb_seed = None if seed is None else seed + FEEDBACK_SEED_OFFSET
-    convert(
-        model,
-        rule,
-        rfb_mag=rfb_mag,
-        seed=fb_seed,
-        input_shape=None if tokens else tuple(input_shape),
-        example=torch.zeros(2, *input_shape, dtype=torch.long) if tokens and spec.kind == "local" else None,
-        error_at=error_at,
-        taps=taps,
-        feedback_init=("weights" if spec.original_init and not own_init else "random")
-        if feedback_init == "original"
-        else feedback_init,
-        init=feedback_dist,
-    )
+    if feedback_init == "original":  # fa's B copied from W where W is then zeroed (below)
+        feedback_init = "weights" if spec.original_init and not own_init else "random"
+    example = torch.zeros(2, *input_shape, dtype=torch.long) if tokens and spec.kind == "local" else None
+    convert(model, rule, rfb_mag=rfb_mag, seed=fb_seed, input_shape=None if tokens else tuple(input_shape),
+            example=example, error_at=error_at, taps=taps, feedback_init=feedback_init,
+            init=feedback_dist)  # fmt: skip
     if tokens and spec.kind == "direct":
         with torch.no_grad():  # one pass on token ids draws the direct rules' B now, as input_shape does
             model.eval()(torch.zeros(2, *input_shape, dtype=torch.long)).sum()
             model.train()
     if spec.original_init and nonlin in ("tanh", "sigm") and not own_init:
-        with torch.no_grad():  # docs/original.md §1: dfa learns from a zero initial condition
-            for m in model.modules():
-                if isinstance(m, TRAINABLE):
-                    m.weight.zero_()
-                    if m.bias is not None:
-                        m.bias.zero_()
-    if spec.kind == "local":  # the reference's zero output weight: its input is cut, no error goes down
-        uses = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
-        for out in (m for m in model.modules() if isinstance(m, LocalOutput) and m.site):
-            layer = model.get_submodule(out.site)
-            if isinstance(layer, TRAINABLE) and uses.count(id(layer.weight)) == 1:  # not a tied embedding
-                with torch.no_grad():
-                    layer.weight.zero_()
+        _zero_trainable(model)  # docs/original.md §1: dfa learns from a zero initial condition
+    if spec.kind == "local":
+        _zero_local_output(model)
     return model
+
+
+# build_model's named options and the values each may take
+NAMED_CHOICES = {"feedback_init": FEEDBACK_INITS, "init": INITS, "nonlin": NONLINS, "criterion": CRITERIA}
+
+
+def _check_names(**named: str) -> None:
+    """Refuse a named option outside its choices, listing them."""
+    for option, value in named.items():
+        if value not in NAMED_CHOICES[option]:
+            raise ValueError(f"unknown {option} {value!r}; choose one of {', '.join(NAMED_CHOICES[option])}")
+
+
+@torch.no_grad()
+def _zero_trainable(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, TRAINABLE):
+            m.weight.zero_()
+            if m.bias is not None:
+                m.bias.zero_()
+
+
+@torch.no_grad()
+def _zero_local_output(model: nn.Module) -> None:
+    """The local rules' output weight starts at zero, as the reference's: its input is cut, so no
+    error goes down through it. A weight tied to an embedding (read twice) keeps its values."""
+    uses = [id(p) for _, p in model.named_parameters(remove_duplicate=False)]
+    for out in (m for m in model.modules() if isinstance(m, LocalOutput) and m.site):
+        layer = model.get_submodule(out.site)
+        if isinstance(layer, TRAINABLE) and uses.count(id(layer.weight)) == 1:
+            layer.weight.zero_()
