@@ -1,4 +1,4 @@
-"""Every code block of README.md and docs/*.md runs as written.
+"""Every code block of README.md, docs/*.md and results/*/README.md runs as written.
 
 Each fenced block names its language:
 
@@ -39,7 +39,11 @@ import torch
 from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+PAGES = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    *sorted((REPO / "results").glob("*/README.md")),
+]
 LANGUAGES = ("python", "bash", "text")
 
 # Appended to a command before it runs: the same command, made short.
