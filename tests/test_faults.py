@@ -387,6 +387,21 @@ def test_ctrl_c_while_the_data_loads_is_one_line(tmp_path, caplog, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_stopped_early_names_the_checkpoint_it_leaves(tmp_path):
+    """One wording for a lost rank, a second Ctrl-C and a NaN (session.what_is_kept)."""
+    from feedalign.train.session import what_is_kept
+
+    again = "no checkpoint had been written yet: start the run again (the same command)"
+    assert what_is_kept(tmp_path, resume="R") == again and what_is_kept(None, resume="R") == again
+    # a NaN: rerunning the same command would repeat it, so no advice to
+    assert what_is_kept(tmp_path, good=True) == "no checkpoint had been written yet"
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"")
+    assert what_is_kept(tmp_path, resume="R") == f"the last checkpoint is kept: {path}. Continue with: R"
+    said = what_is_kept(tmp_path, when=" (after epoch 2 or at Ctrl-C)", good=True)
+    assert said == f"the last good checkpoint is kept: {path} (after epoch 2 or at Ctrl-C)"
+
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tmp_path):
     run = tmp_path / "run"

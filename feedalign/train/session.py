@@ -92,6 +92,17 @@ def resume_command(run_dir: Path, world_size: int = 1, n_gpu: int = 1) -> str:
     return f"{how} --resume {shlex.quote(str(run_dir))}"
 
 
+def what_is_kept(run_dir: Path | None, *, resume: str = "", when: str = "", good: bool = False) -> str:
+    """The end of the message of a run stopped early, one wording for every way it stops: which
+    checkpoint is left (`when` it was written), and with `resume` the command that continues it."""
+    path = None if run_dir is None else run_dir / ckpt.CHECKPOINT
+    if path is None or not path.exists():
+        again = ": start the run again (the same command)" if resume else ""
+        return f"no checkpoint had been written yet{again}"
+    kept = f"the last {'good ' if good else ''}checkpoint is kept: {path}{when}"
+    return f"{kept}. Continue with: {resume}" if resume else kept
+
+
 def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int, int] | None = None,
           trust_model_file: bool = False) -> Path:  # fmt: skip
     """Train as docs/original.md §4 and return the run directory.
@@ -116,10 +127,7 @@ def train(opts: Options, *, resume: str | Path | None = None, stop_at: tuple[int
         lost = dist.peer_lost(rt, err)
         if lost is None:
             raise
-        kept = "no checkpoint had been written yet: start the run again"
-        if run_dir is not None and (run_dir / ckpt.CHECKPOINT).exists():
-            kept = (f"the last checkpoint is kept: {run_dir / ckpt.CHECKPOINT}. Continue with: "
-                    f"{resume_command(run_dir, rt.world_size, opts.nGPU)}")  # fmt: skip
+        kept = what_is_kept(run_dir, resume=resume_command(run_dir, rt.world_size, opts.nGPU))
         raise dist.PeerLost(f"{lost}; {kept}", quiet=lost.quiet) from None
 
 
@@ -166,10 +174,8 @@ def _train(opts: Options, rt: dist.Runtime, run_dir: Path, resume: str | Path | 
                 while (opts.epoch == -1 or epoch <= opts.epoch) and not run.epoch(epoch, stop, on_batch):
                     epoch += 1
             except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint
-                then = f"the last checkpoint is kept. Continue with: {resume_line}"
-                if not (run_dir / ckpt.CHECKPOINT).exists():
-                    then = "no checkpoint had been written yet: start the run again (the same command)"
-                raise Interrupted(f"interrupted again: stopped at once; {then}") from None
+                kept = what_is_kept(run_dir, resume=resume_line)
+                raise Interrupted(f"interrupted again: stopped at once; {kept}") from None
     return run_dir
 
 
@@ -287,10 +293,7 @@ class Run:
                                      reduce=self.rt.reducer, on_batch=on_batch(epoch, self.state, stop),
                                      desc=f"epoch {epoch}")  # fmt: skip
         except Diverged as err:
-            path = self.dir / ckpt.CHECKPOINT
-            kept = "no checkpoint had been written yet"
-            if path.exists():
-                kept = f"the last good checkpoint is kept: {path} (after epoch {epoch - 1} or at Ctrl-C)"
+            kept = what_is_kept(self.dir, when=f" (after epoch {epoch - 1} or at Ctrl-C)", good=True)
             raise Diverged(f"{err} of epoch {epoch}; stopped, {kept}") from None
         self.state.seconds += time.perf_counter() - t0
         if self.state.batch < len(self.loader):
