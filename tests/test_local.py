@@ -108,6 +108,33 @@ def test_each_mlp_block_learns_from_its_own_loss_only(rule):
     torch.testing.assert_close(w3.grad, e.T @ h2, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("rule", LOCAL)
+def test_blocks_with_batch_norm_learn_as_the_reference_trains_them_layer_by_layer(rule):
+    """The recipe's block, Linear -> BatchNorm (batch statistics) -> leaky ReLU: its
+    weight, gain and shift get the gradient of its own loss on its own output, computed
+    here layer by layer as the reference's train.py does (each block's input detached)."""
+    torch.manual_seed(0)
+    model = feedalign.build_model("mlp", (1, 4, 4), C, rule=rule, nonlin="leakyrelu", num_layers=2,
+                                  num_hidden=8, batchnorm=1, criterion="ce", seed=1).double()  # fmt: skip
+    randomise(model)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    with torch.no_grad():
+        for bn in norms:
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    x, y = torch.randn(4 * C, 1, 4, 4, dtype=torch.float64), torch.arange(4 * C) % C
+    F.cross_entropy(model(x), y).backward()
+    h = x.flatten(1)
+    for linear, bn, head in zip(layers(model)[:2], norms, heads(model)):
+        w, gain, shift = (p.detach().clone().requires_grad_() for p in (linear.weight, bn.weight, bn.bias))
+        z = h @ w.T + linear.bias.detach()
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + bn.eps) * gain + shift
+        a = F.leaky_relu(z, 0.01)
+        expected = torch.autograd.grad(local_loss(rule, head, a, y), (w, gain, shift))
+        for got, want in zip((linear.weight.grad, bn.weight.grad, bn.bias.grad), expected):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        h = a.detach()
+
+
 def test_pred_by_hand_and_no_gradient_crosses_blocks():
     """pred's block gradient in closed form: δ = Dᵀ(softmax(D h + d) − Y)/N; and block 1's
     gradient is the same whatever happens above it (output layer, block 2, its head)."""

@@ -15,7 +15,7 @@ A head, per block (M rows: the N·|P| positions whose label is not masked; one-h
     pred      ℓ = CE(D·pool(h) + d, y)                      D zero at the start
     sim       ℓ = mean over M×M of (S(T(h)) − S(Y))²        T: Linear(F, F), or a 3×3
                                                             Conv(C, C) on (C, H, W) maps
-    predsim   ℓ = (1 − β)·pred + β·sim                      β = 0.99
+    predsim   ℓ = (1 − β)·pred + β·sim                      β = 0.99 (predsim-bio: 0.01)
 
     S(x) = the cosine similarity of the rows of x after each row is centred (x − mean over
     its features); a (C, H, W) map with C > 3 and H > 1 is first reduced to its per-channel
@@ -67,8 +67,9 @@ LOCAL_RULES: dict[str, LocalRule] = {
                   "the decoder trained by fa", bio=True),
         LocalRule("sim-bio", "sim", "sim without a learned transform, against randomly projected labels",
                   bio=True),
-        LocalRule("predsim-bio", "predsim", "predsim's backprop-free variant (the reference's --bio)",
-                  bio=True),
+        # β = 0.01: the reference runs every --bio predsim with --beta 0.01 (run_experiments.sh)
+        LocalRule("predsim-bio", "predsim", "each block learns from 0.99·pred-bio + 0.01·sim-bio: predsim's "
+                  "backprop-free variant (the reference's --bio --beta 0.01)", bio=True, beta=0.01),
     )
 }  # fmt: skip
 
