@@ -43,13 +43,19 @@ from feedalign.rules.feedback import Rule, uniform
 
 DIM_IN_DECODER = 4096  # pred's decoder reads at most this many features of a (C, H, W) map
 TARGET_PROJECTION = 128  # -bio: rows of the fixed projection of the one-hot labels
+BETA = 0.99  # predsim's weight on sim (train.py's --beta default)
+BETA_BIO = 0.01  # predsim-bio's: the reference runs every --bio predsim with --beta 0.01 (run_experiments.sh)
+
+
+def _weights(beta: float) -> str:
+    return f"{1 - beta:g}·pred + {beta:g}·sim"
 
 
 class LocalRule(Rule):
     """A table entry of the local kind: which loss each block learns from, and whether
     it is the backprop-free variant."""
 
-    def __init__(self, name: str, loss: str, summary: str, *, bio: bool = False, beta: float = 0.99) -> None:
+    def __init__(self, name: str, loss: str, summary: str, *, bio: bool = False, beta: float = BETA) -> None:
         super().__init__(name, "local", summary, signal="local")
         self.loss, self.bio, self.beta = loss, bio, beta
 
@@ -61,15 +67,15 @@ LOCAL_RULES: dict[str, LocalRule] = {
                   "cross-entropy); no error crosses blocks (Nøkland & Eidnes 2019)"),
         LocalRule("sim", "sim", "each block matches the similarity matrix of its output to the labels' "
                   "(local similarity matching)"),
-        LocalRule("predsim", "predsim", "each block learns from 0.01·pred + 0.99·sim: the best local "
+        LocalRule("predsim", "predsim", f"each block learns from {_weights(BETA)}: the best local "
                   "loss of Nøkland & Eidnes 2019"),
         LocalRule("pred-bio", "pred", "pred without weight transport: random-projected binary targets, "
                   "the decoder trained by fa", bio=True),
         LocalRule("sim-bio", "sim", "sim without a learned transform, against randomly projected labels",
                   bio=True),
-        # β = 0.01: the reference runs every --bio predsim with --beta 0.01 (run_experiments.sh)
-        LocalRule("predsim-bio", "predsim", "each block learns from 0.99·pred-bio + 0.01·sim-bio: predsim's "
-                  "backprop-free variant (the reference's --bio --beta 0.01)", bio=True, beta=0.01),
+        LocalRule("predsim-bio", "predsim", f"each block learns from {_weights(BETA_BIO)} of the -bio "
+                  "losses: predsim's backprop-free variant (the reference's --bio --beta 0.01)",
+                  bio=True, beta=BETA_BIO),
     )
 }  # fmt: skip
 
@@ -191,7 +197,7 @@ class LocalHead(nn.Module):
             seen = "S(h)" if self.bio else f"S({type(self.transform).__name__} T(h))"
             labels = "S(Y·Pᵀ), P fixed" if self.bio else "S(Y) of the one-hot labels"
             parts.append(f"sim: MSE of {seen} to {labels}")
-        weights = f"{1 - self.beta:g}·pred + {self.beta:g}·sim = " if self.loss_name == "predsim" else ""
+        weights = f"{_weights(self.beta)} = " if self.loss_name == "predsim" else ""
         return f"{weights}{'; '.join(parts)}; on h of features {self.features}"
 
     def extra_repr(self) -> str:
